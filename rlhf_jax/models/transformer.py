@@ -1,0 +1,392 @@
+"""Flax Linen decoder-only transformer: GPT-2, Llama and Qwen2 families from one config.
+
+Shapes: B batch, T new tokens, S cache slots, D width, H query heads, K key/value heads,
+G = H / K query heads per key/value head, Dh head width, V vocabulary, L layers.
+
+Padding: every call takes `attention_mask` [B, T] (1 = real token). Position ids count real
+tokens only (`cumsum(mask) - 1`), and keys at padded slots are never attended to, so a
+left- or right-padded sequence gives the same logits at its real tokens as the sequence alone.
+
+KV cache: `KVCache` is an explicit pytree. A call with `cache=` attends to the cached keys
+plus the new tokens, writes the new keys/values at `cache.index` and returns the updated
+cache next to the output. Prefill is a call with the whole prompt, decode a call with T = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import Family, TransformerConfig
+
+Array = jax.Array
+
+
+def _param_init(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far.
+
+    Attributes:
+      k, v: [L, B, S, K, Dh] keys and values (compute dtype).
+      mask: [B, S] bool, True where the slot holds a real token.
+      lengths: [B] int32, real tokens seen per sequence (the next position id).
+      index: int32 scalar, the next slot to write (the same for the whole batch).
+    """
+
+    k: Array
+    v: Array
+    mask: Array
+    lengths: Array
+    index: Array
+
+
+def init_cache(cfg: TransformerConfig, batch_size: int, max_len: int) -> KVCache:
+    """An empty cache for `batch_size` sequences of at most `max_len` tokens in all."""
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(cfg.dtype)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch_size, max_len), bool),
+        lengths=jnp.zeros((batch_size,), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def position_ids(attention_mask: Array, start: Optional[Array] = None) -> Array:
+    """Position of each token among the real tokens of its row: [B, T] int32.
+
+    `start` [B] offsets the count (real tokens already in the cache). Padded slots get the
+    position of the previous real token; they are never attended to, so the value is moot.
+    """
+    pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1
+    if start is not None:
+        pos = pos + start[:, None]
+    return jnp.maximum(pos, 0)
+
+
+def rope_frequencies(cfg: TransformerConfig) -> Array:
+    """Inverse frequencies [Dh/2] with optional linear or Llama-3 scaling."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / cfg.head_dim))
+    scaling = cfg.rope_scaling
+    if scaling is None or scaling.rope_type == "default":
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # Llama 3: keep high frequencies, divide low ones by `factor`, blend in between.
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, blended, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotates pairs (i, i + Dh/2) of `x` [B, T, N, Dh] by angle position·freq_i."""
+    angles = positions[:, :, None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", _param_init(nn.initializers.ones, ("norm",)), (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale * y).astype(self.dtype)
+
+
+def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
+    dtype = jnp.dtype(cfg.dtype)
+    if cfg.family == Family.GPT2:
+        return nn.LayerNorm(
+            epsilon=cfg.norm_eps,
+            dtype=dtype,
+            scale_init=_param_init(nn.initializers.ones, ("norm",)),
+            bias_init=_param_init(nn.initializers.zeros, ("norm",)),
+            name=name,
+        )
+    return RMSNorm(cfg.norm_eps, dtype, name=name)
+
+
+def _dense(features: int, names: tuple, use_bias: bool, dtype, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=_param_init(_kernel_init, names),
+        bias_init=_param_init(nn.initializers.zeros, names[-1:]),
+        name=name,
+    )
+
+
+def _attention_weights(scores: Array, allowed: Array) -> Array:
+    """Softmax over the last axis in float32, with disallowed keys at the most negative value.
+
+    A row with no allowed key (a padded query) gets uniform weights instead of NaN.
+    """
+    scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+class Attention(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions, token_mask, past_kv, past_mask):
+        """x [B, T, D] → (out [B, T, D], (k, v) of the new tokens, each [B, T, K, Dh]).
+
+        past_kv: None, or this layer's cached (k, v) [B, S, K, Dh] with past_mask [B, S].
+        """
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        b, t, _ = x.shape
+        h, kh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        g = h // kh
+        q = _dense(h * dh, ("embed", "heads"), cfg.qkv_bias, dtype, "q")(x).reshape(b, t, h, dh)
+        k = _dense(kh * dh, ("embed", "kv_heads"), cfg.qkv_bias, dtype, "k")(x).reshape(b, t, kh, dh)
+        v = _dense(kh * dh, ("embed", "kv_heads"), cfg.qkv_bias, dtype, "v")(x).reshape(b, t, kh, dh)
+        if not cfg.learned_positions:
+            inv_freq = rope_frequencies(cfg)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        q = q.reshape(b, t, kh, g, dh) * jnp.asarray(1.0 / math.sqrt(dh), dtype)
+        # New tokens see earlier new tokens (causal) that are real.
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        allowed_new = causal[None, None, None] & token_mask[:, None, None, None, :].astype(bool)
+        scores_new = jnp.einsum("btkgd,bskd->bkgts", q, k)
+        if past_kv is None:
+            weights = _attention_weights(scores_new, allowed_new).astype(dtype)
+            out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
+        else:
+            # Cached tokens precede every new token: only their padding is masked.
+            past_k, past_v = past_kv
+            scores_past = jnp.einsum("btkgd,bskd->bkgts", q, past_k)
+            allowed_past = jnp.broadcast_to(
+                past_mask[:, None, None, None, :], scores_past.shape
+            )
+            s = scores_past.shape[-1]
+            weights = _attention_weights(
+                jnp.concatenate([scores_past, scores_new], axis=-1),
+                jnp.concatenate([allowed_past, jnp.broadcast_to(allowed_new, scores_new.shape)], -1),
+            ).astype(dtype)
+            out = jnp.einsum("bkgts,bskd->btkgd", weights[..., :s], past_v) + jnp.einsum(
+                "bkgts,bskd->btkgd", weights[..., s:], v
+            )
+        out = out.reshape(b, t, h * dh)
+        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
+        use_o_bias = cfg.family == Family.GPT2
+        out = _dense(cfg.hidden_size, ("heads", "embed"), use_o_bias, dtype, "o")(out)
+        return out, (k, v)
+
+
+class MLP(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        f, d = cfg.intermediate_size, cfg.hidden_size
+        if cfg.family == Family.GPT2:
+            hidden = jax.nn.gelu(_dense(f, ("embed", "mlp"), True, dtype, "fc")(x), approximate=True)
+        else:
+            gate = _dense(f, ("embed", "mlp"), False, dtype, "gate")(x)
+            up = _dense(f, ("embed", "mlp"), False, dtype, "up")(x)
+            hidden = jax.nn.silu(gate) * up
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
+        return _dense(d, ("mlp", "embed"), cfg.family == Family.GPT2, dtype, "down")(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, layer_kv, positions, token_mask, past_mask):
+        attn_out, new_kv = Attention(self.cfg, name="attn")(
+            _norm(self.cfg, "attn_norm")(x), positions, token_mask, layer_kv, past_mask
+        )
+        x = x + attn_out
+        x = x + MLP(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, new_kv
+
+
+class Transformer(nn.Module):
+    """The trunk: embeddings, L blocks, final norm. Returns hidden states [B, T, D]."""
+
+    cfg: TransformerConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=jnp.dtype(cfg.dtype),
+            embedding_init=_param_init(_kernel_init, ("vocab", "embed")),
+        )
+        if cfg.learned_positions:
+            self.pos_embed = nn.Embed(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                dtype=jnp.dtype(cfg.dtype),
+                embedding_init=_param_init(nn.initializers.normal(0.01), (None, "embed")),
+            )
+        block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
+        if cfg.scan_layers:
+            # Block's (x, layer_kv, ...) -> (x, new_kv) is scan's (carry, xs) -> (carry, ys).
+            self.layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+        else:
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = _norm(cfg, "final_norm")
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Optional[Array] = None,
+        cache: Optional[KVCache] = None,
+    ) -> tuple[Array, Optional[KVCache]]:
+        """input_ids [B, T] → (hidden [B, T, D], updated cache or None)."""
+        cfg = self.cfg
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        token_mask = attention_mask.astype(bool)
+        positions = position_ids(attention_mask, None if cache is None else cache.lengths)
+        x = self.embed(input_ids)
+        if cfg.learned_positions:
+            x = x + self.pos_embed(positions)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        past_mask = None if cache is None else cache.mask
+        if cfg.scan_layers:
+            past = None if cache is None else (cache.k, cache.v)
+            x, new_kv = self.layers(x, past, positions, token_mask, past_mask)
+        else:
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                past = None if cache is None else (cache.k[i], cache.v[i])
+                x, (k, v) = layer(x, past, positions, token_mask, past_mask)
+                new_k.append(k)
+                new_v.append(v)
+            new_kv = (jnp.stack(new_k), jnp.stack(new_v))
+        x = self.final_norm(x)
+        if cache is None:
+            return x, None
+        return x, _write_cache(cache, new_kv, token_mask)
+
+
+def _write_cache(cache: KVCache, new_kv, token_mask: Array) -> KVCache:
+    """Writes the new tokens' k/v [L, B, T, K, Dh] and mask at slot `cache.index`."""
+    k, v = new_kv
+    i = cache.index
+    return KVCache(
+        k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, i, 0, 0)),
+        v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, i, 0, 0)),
+        mask=jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, i)),
+        lengths=cache.lengths + token_mask.sum(axis=1, dtype=jnp.int32),
+        index=i + token_mask.shape[1],
+    )
+
+
+def last_token_index(attention_mask: Optional[Array], length: int) -> Array:
+    """Index of the rightmost real token of each row [B] (left or right padding)."""
+    if attention_mask is None:
+        return jnp.full((1,), length - 1, jnp.int32)
+    idx = jnp.arange(length, dtype=jnp.int32)[None, :] * attention_mask.astype(jnp.int32)
+    return jnp.argmax(idx, axis=1).astype(jnp.int32)
+
+
+class CausalLM(nn.Module):
+    """Policy / reference model: logits [B, T, V] in float32 (plus the cache when given)."""
+
+    cfg: TransformerConfig
+
+    def setup(self):
+        self.model = Transformer(self.cfg)
+        if not self.cfg.tie_word_embeddings:
+            self.lm_head = _dense(
+                self.cfg.vocab_size, ("embed", "vocab"), False, jnp.dtype(self.cfg.dtype), "lm_head"
+            )
+
+    def logits(self, hidden: Array) -> Array:
+        if self.cfg.tie_word_embeddings:
+            logits = self.model.embed.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, cache=None):
+        hidden, cache = self.model(input_ids, attention_mask, cache)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, cache)
+
+
+class CausalLMWithValueHead(CausalLM):
+    """Policy with a value head on the shared trunk: (logits [B, T, V], values [B, T])."""
+
+    def setup(self):
+        super().setup()
+        self.value_head = _dense(1, ("embed", None), True, jnp.float32, "value_head")
+
+    def __call__(self, input_ids, attention_mask=None, cache=None):
+        hidden, new_cache = self.model(input_ids, attention_mask, cache)
+        values = self.value_head(hidden.astype(jnp.float32))[..., 0]
+        out = (self.logits(hidden), values)
+        return out if cache is None else (*out, new_cache)
+
+
+class RewardModel(nn.Module):
+    """Scalar head on the trunk, `score` as in `*ForSequenceClassification`.
+
+    Returns the score at the rightmost real token [B], or at every token [B, T] with
+    `per_token=True` (how a separate critic initialised from the reward model is used).
+    Scores are `gain · (w·h) + bias`; gain and bias come from reward normalisation.
+    """
+
+    cfg: TransformerConfig
+    gain: float = 1.0
+    bias: float = 0.0
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, per_token: bool = False):
+        hidden, _ = Transformer(self.cfg, name="model")(input_ids, attention_mask)
+        head = _dense(1, ("embed", None), False, jnp.float32, "score")
+        scores = head(hidden.astype(jnp.float32))[..., 0] * self.gain + self.bias  # [B, T]
+        if per_token:
+            return scores
+        last = last_token_index(attention_mask, input_ids.shape[1])
+        return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]

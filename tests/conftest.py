@@ -1,0 +1,77 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported) and tiny HF checkpoints."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FAMILIES = ("gpt2", "llama", "qwen2")
+
+
+def hf_config(family: str, num_labels: int = 1, **kw):
+    """A tiny transformers config; weights drawn wide (std 0.2) so attention is far from uniform."""
+    import transformers as T
+
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=num_labels,
+               initializer_range=0.2)
+    if family == "gpt2":
+        return T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=128,
+                            **ids, **kw)
+    common = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=96, vocab_size=97,
+                  max_position_embeddings=128, **ids)
+    common.update(kw)
+    if family == "llama":
+        return T.LlamaConfig(**common)
+    return T.Qwen2Config(**{"tie_word_embeddings": True, **common})
+
+
+def hf_class(family: str, head: str):
+    import transformers as T
+
+    names = {
+        ("gpt2", "lm"): T.GPT2LMHeadModel, ("gpt2", "reward"): T.GPT2ForSequenceClassification,
+        ("llama", "lm"): T.LlamaForCausalLM, ("llama", "reward"): T.LlamaForSequenceClassification,
+        ("qwen2", "lm"): T.Qwen2ForCausalLM, ("qwen2", "reward"): T.Qwen2ForSequenceClassification,
+    }
+    return names[(family, head)]
+
+
+def make_hf_model(family: str, head: str = "lm", seed: int = 0, **kw):
+    """A random transformers (PyTorch) model in eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    return hf_class(family, head)(hf_config(family, **kw)).eval()
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: saves a tiny random transformers model; returns (directory, torch model)."""
+    def make(family: str, head: str = "lm", seed: int = 0, save_kw=None, **kw):
+        model = make_hf_model(family, head, seed, **kw)
+        path = tmp_path / f"{family}-{head}-{seed}"
+        model.save_pretrained(path, **(save_kw or {}))
+        return str(path), model
+
+    return make
+
+
+def padded_batch(lengths, total: int, vocab: int = 97, left: bool = True, seed: int = 0):
+    """Random ids [B, total] with rows of the given real lengths, pad id 0 at masked slots."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), total), np.int32)
+    mask = np.zeros((len(lengths), total), np.int32)
+    for b, n in enumerate(lengths):
+        sl = slice(total - n, total) if left else slice(0, n)
+        ids[b, sl] = rng.integers(3, vocab, n)
+        mask[b, sl] = 1
+    return ids, mask
