@@ -1,0 +1,1 @@
+"""The embedded end-to-end demo: `rlhf-jax demo` (see pipeline.py)."""

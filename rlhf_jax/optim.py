@@ -1,0 +1,164 @@
+"""Optimizer from config, the train state, and gradient accumulation shared by every stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.config import check
+
+
+class Schedule(str, enum.Enum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup and decay, global-norm clipping.
+
+    Attributes:
+      learning_rate: peak learning rate.
+      schedule: decay after warmup: constant, linear (to 0) or cosine (to 0).
+      warmup_steps: linear warmup from 0 over this many optimizer steps.
+      weight_decay: decoupled weight decay (not applied to biases, norms or embeddings).
+      b1: Adam first-moment decay.
+      b2: Adam second-moment decay.
+      eps: Adam epsilon.
+      max_grad_norm: clip the global gradient norm to this (0 = no clipping).
+    """
+
+    learning_rate: float = 1e-5
+    schedule: Schedule = Schedule.CONSTANT
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        check(self.learning_rate > 0, "learning_rate", self.learning_rate, "a positive number")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "0 or more")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
+        check(0 <= self.b1 < 1, "b1", self.b1, "a number in [0, 1)")
+        check(0 <= self.b2 < 1, "b2", self.b2, "a number in [0, 1)")
+        check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "0 (off) or more")
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    if cfg.schedule == Schedule.CONSTANT:
+        after = optax.constant_schedule(cfg.learning_rate)
+    elif cfg.schedule == Schedule.LINEAR:
+        after = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), after],
+                                [warmup])
+
+
+def _decay_mask(params: Any) -> Any:
+    """True for matrices (kernels), False for biases, norm scales and embeddings."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: "kernel" in jax.tree_util.keystr(path), params
+    )
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW on the schedule."""
+    adamw = optax.adamw(
+        learning_rate_schedule(cfg, total_steps),
+        b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask,
+    )
+    if cfg.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+    return adamw
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything one model's optimisation needs, as a pytree (checkpointed whole)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def apply_gradients(
+    state: TrainState, grads: Any, tx: optax.GradientTransformation
+) -> tuple[TrainState, dict]:
+    """One optimizer update; returns the new state and norm metrics (float32)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def split_microbatches(batch: Any, num: int) -> Any:
+    """[B, ...] → [num, B/num, ...] for every leaf."""
+    def one(x):
+        if x.shape[0] % num:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {num} microbatches")
+        return x.reshape(num, x.shape[0] // num, *x.shape[1:])
+
+    return jax.tree_util.tree_map(one, batch)
+
+
+def accumulate_gradients(
+    loss_fn: Callable[[Any, Any], tuple[jax.Array, tuple[jax.Array, dict]]],
+    params: Any,
+    batch: Any,
+    num_microbatches: int,
+) -> tuple[Any, jax.Array, dict]:
+    """Sums gradients over microbatches with `lax.scan`, then divides by the total count.
+
+    `loss_fn(params, microbatch) -> (loss_sum, (count, metric_sums))` returns a SUM over its
+    tokens/pairs and their count, so the accumulated mean is exact whatever the padding:
+    mean = Σ loss_sum / Σ count, and likewise its gradient.
+
+    Returns (grads of the mean, total count, metric sums divided by the total count).
+    """
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if num_microbatches == 1:
+        grads, (count, sums) = grad_fn(params, batch)
+    else:
+        micro = split_microbatches(batch, num_microbatches)
+
+        def body(carry, mb):
+            return jax.tree_util.tree_map(jnp.add, carry, grad_fn(params, mb)), None
+
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        zeros = jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, first)
+        )
+        (grads, (count, sums)), _ = jax.lax.scan(body, zeros, micro)
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
+    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    return grads, count, jax.tree_util.tree_map(lambda s: s / denom, sums)
+
+
+def all_finite(*trees) -> jax.Array:
+    """True when every leaf of every tree is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree_util.tree_leaves(t)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def skip_if_not_finite(new: TrainState, old: TrainState, finite: jax.Array) -> TrainState:
+    """Keeps `old` (but counts the step) when the update was not finite."""
+    kept = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+    return kept.replace(step=new.step)
