@@ -155,16 +155,20 @@ def _write_report(out_dir: str, summary: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+CONFIG_CLASS = DemoConfig
+
+
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-jax demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    parser.add_argument("--config", default=None, help="YAML file of DemoConfig fields")
     parser.add_argument("overrides", nargs="*", help="DemoConfig fields as key=value")
     args = parser.parse_args(argv)
     from rlhf_jax import config
 
     try:
-        cfg = config.load(DemoConfig, None, args.overrides)
+        cfg = config.load(DemoConfig, args.config, args.overrides)
     except config.ConfigError as e:
         print(f"rlhf-jax demo: {e}")
         return 2
