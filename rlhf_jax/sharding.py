@@ -88,6 +88,15 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     return P(*out)
 
 
+def strip_boxes(tree: Any) -> Any:
+    """The values inside logical-partitioning boxes (unlike `nn.unbox`, adds no constraint)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+
+
 def shardings_for(abstract: Any, mesh: Mesh, rules: Sequence = DEFAULT_RULES) -> Any:
     """NamedShardings for a tree of (logically boxed) shapes, e.g. from `jax.eval_shape`.
 
@@ -96,7 +105,7 @@ def shardings_for(abstract: Any, mesh: Mesh, rules: Sequence = DEFAULT_RULES) ->
     """
     specs = nn.get_partition_spec(abstract)
     mesh_specs = nn.logical_to_mesh(specs, tuple(rules))
-    shapes = nn.unbox(abstract)
+    shapes = strip_boxes(abstract)
     return jax.tree_util.tree_map(
         lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
         mesh_specs,
@@ -107,7 +116,8 @@ def shardings_for(abstract: Any, mesh: Mesh, rules: Sequence = DEFAULT_RULES) ->
 
 def param_shardings(model: nn.Module, mesh: Mesh, *example_inputs, rules=DEFAULT_RULES) -> Any:
     """NamedShardings of `model`'s params ({'params': ...} stripped)."""
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), *example_inputs)["params"]
+    with nn.logical_axis_rules(()):  # shapes only: no activation constraints, whatever the context
+        abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), *example_inputs)["params"]
     return shardings_for(abstract, mesh, rules)
 
 

@@ -137,7 +137,8 @@ def head_of(model: nn.Module) -> str:
 def abstract_params(model: nn.Module) -> Any:
     """Shapes/dtypes of `model`'s params, boxed with logical axis names (nothing computed)."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
+    with nn.logical_axis_rules(()):  # shapes only: no activation constraints, whatever the context
+        return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
 
 
 def _get(tree: dict, path: Sequence[str]):
@@ -160,7 +161,7 @@ def _expected_shape(abstract: dict, cfg, entry: Entry, i: Optional[int]) -> tupl
     shapes = []
     for path in entry.ours:
         full = path if i is None else _layer_path(cfg, i, path)
-        shape = tuple(nn.unbox(_get(abstract, full)).shape)
+        shape = tuple(shd.strip_boxes(_get(abstract, full)).shape)
         shapes.append(shape[1:] if (i is not None and cfg.scan_layers) else shape)
     merged = (*shapes[0][:-1], sum(s[-1] for s in shapes))
     return merged[::-1] if entry.transpose else merged
@@ -297,7 +298,7 @@ def _add_missing_heads(host: dict, abstract: dict, path: str, seed: int) -> None
                           "bias": f.get("v_head.bias").astype(np.float32)}
             continue
         log.info("%s has no %s: initialising it from N(0, 0.02^2)", path, name)
-        leaves = nn.unbox(abstract[name])
+        leaves = shd.strip_boxes(abstract[name])
         host[name] = {
             k: (rng.normal(0, 0.02, v.shape) if k == "kernel" else np.zeros(v.shape)).astype(np.float32)
             for k, v in leaves.items()
@@ -306,7 +307,7 @@ def _add_missing_heads(host: dict, abstract: dict, path: str, seed: int) -> None
 
 def _to_device(host: dict, model, abstract, mesh, rules):
     got = jax.tree_util.tree_structure(host)
-    want = jax.tree_util.tree_structure(nn.unbox(abstract))
+    want = jax.tree_util.tree_structure(shd.strip_boxes(abstract))
     if got != want:  # a table bug, not a user error: say which params differ
         raise AssertionError(f"loaded param tree differs from the model's: {got} vs {want}")
     if mesh is None:

@@ -1,0 +1,93 @@
+"""The PPO step on tiny models: it learns from a fixed experience, and sharded equals one device."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import models, optim, ppo
+from rlhf_jax import sharding as shd
+from rlhf_jax.tiny import tiny_config
+
+B, P, R, V = 8, 6, 5, 64
+
+
+def rollout(seed=0):
+    rng = np.random.default_rng(seed)
+    prompt_lens = rng.integers(2, P + 1, B)
+    resp_lens = rng.integers(1, R + 1, B)
+    ids = np.zeros((B, P + R), np.int32)
+    mask = np.zeros((B, P + R), np.int32)
+    for b in range(B):
+        ids[b, P - prompt_lens[b]:P] = rng.integers(3, V, prompt_lens[b])
+        ids[b, P:P + resp_lens[b]] = rng.integers(3, V, resp_lens[b])
+        mask[b, P - prompt_lens[b]:P + resp_lens[b]] = 1
+    return ppo.Rollout(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                       response_mask=jnp.asarray(mask[:, P:]),
+                       ended_with_stop=jnp.asarray(resp_lens < R))
+
+
+def setup(value_kind, mesh=None):
+    cfg = tiny_config("llama", vocab_size=V)
+    head = "lm+value" if value_kind == "shared" else "lm"
+    policy, p = models.init_model(cfg, head, seed=0, mesh=mesh)
+    _, ref = models.init_model(cfg, head, seed=0, mesh=mesh)
+    rm, rm_params = models.init_model(cfg, "reward", seed=1, mesh=mesh)
+    params = {"policy": p, "ref": ref, "reward": rm_params}
+    train = {"policy": p}
+    if value_kind == "separate":
+        params["critic"] = rm_params
+        train["critic"] = rm_params
+    return policy, rm, params, train
+
+
+def run_iteration(value_kind, mesh=None, **overrides):
+    cfg = ppo.PPOConfig(value_kind=value_kind, num_minibatches=2, ppo_epochs=2, **overrides)
+    policy, rm, params, train = setup(value_kind, mesh)
+    critic = rm if value_kind == "separate" else None
+    tx = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-3), 10)
+    state = optim.create_state(train, tx)
+    ro = rollout()
+    if mesh is not None:
+        ro = shd.shard_batch(ro, mesh)
+    score = jax.jit(functools.partial(ppo.score, policy=policy, critic=critic, reward_model=rm, cfg=cfg))
+    adv = jax.jit(functools.partial(ppo.with_advantages, cfg=cfg))
+    step = jax.jit(functools.partial(ppo.train_step, policy=policy, critic=critic, tx=tx, cfg=cfg))
+    scored = score(params, ro)
+    exp, stats = adv(ro, scored, jnp.float32(0.05))
+    history = []
+    for i in range(3):
+        state, metrics = step(state, exp, jax.random.PRNGKey(i))
+        history.append(jax.device_get(metrics))
+    return scored, stats, history, state
+
+
+@pytest.mark.parametrize("value_kind", ["separate", "shared"])
+def test_ppo_step_improves_the_surrogate_on_fixed_experience(value_kind):
+    scored, stats, history, _ = run_iteration(value_kind)
+    # policy == reference at the start: KL is exactly 0
+    np.testing.assert_allclose(np.asarray(stats["kl"]), 0.0, atol=1e-5)
+    assert all(h["finite"] == 1.0 for h in history)
+    assert history[-1]["policy_loss"] < history[0]["policy_loss"]
+    assert history[-1]["value_loss"] < history[0]["value_loss"]
+    assert history[0]["approx_kl"] >= 0 and np.isfinite(history[-1]["entropy"])
+
+
+# (2, 2, 2) is left out here: on 2 cores, XLA's CPU runtime starves the tensor-parallel
+# collectives inside the nested epoch/minibatch loops (a 40 s rendezvous timeout aborts the
+# process). The forward pass on that mesh is covered in test_sharding.py.
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1)])
+def test_sharded_ppo_iteration_matches_one_device(shape):
+    _, ref_stats, ref_hist, ref_state = run_iteration("separate")
+    mesh = shd.make_mesh(shape)
+    with shd.use_mesh(mesh):
+        _, stats, hist, state = run_iteration("separate", mesh)
+    for k in ("score", "kl", "reward"):
+        np.testing.assert_allclose(np.asarray(stats[k]), np.asarray(ref_stats[k]), atol=1e-5)
+    for h, r in zip(hist, ref_hist):
+        for k in ("loss", "policy_loss", "value_loss", "clipfrac", "approx_kl", "grad_norm"):
+            np.testing.assert_allclose(h[k], r[k], atol=1e-5, rtol=1e-5, err_msg=k)
+    q = state.params["policy"]["model"]["layers"]["attn"]["q"]["kernel"]
+    np.testing.assert_allclose(np.asarray(q), np.asarray(ref_state.params["policy"]["model"]["layers"]["attn"]["q"]["kernel"]), atol=1e-5)
