@@ -319,7 +319,7 @@ def adaptive_kl_update(state: KLControllerState, kl: Array, n_steps, target: flo
       kl: mean over the batch of the per-response KL Σ_t KL_t (`shape_rewards`' "kl").
       n_steps: samples in that batch (the controller's clock, as in the reference code).
       target: KL_target per response.
-      horizon: samples over which a constant error would move β by a factor of about (1 + e).
+      horizon: samples over which a constant error e moves β by a factor of about exp(e).
     """
     error = jnp.clip(_f32(kl) / target - 1.0, -0.2, 0.2)
     return state.replace(coef=state.coef * (1.0 + error * n_steps / horizon))
