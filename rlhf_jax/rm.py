@@ -1,0 +1,517 @@
+"""Reward-model training: the Bradley-Terry step, and the loop that drives it.
+
+For a batch of B preference pairs with scores r_c = r(x, y_chosen), r_r = r(x, y_rejected),
+per-pair margin m and weight w (0 at empty slots):
+
+    L = Σ_b w_b · [ −log σ(r_c − r_r − s·m)  +  λ · (r_c + r_r)² ]  /  Σ_b w_b
+
+s = `margin_scale` (Llama 2's margin), λ = `center_coef` (reward centering, Eisenstein et
+al. 2023: keeps scores near zero, which the Bradley-Terry loss alone leaves free).
+
+    rlhf-jax rm --config configs/rm_tiny.yaml steps=200 out_dir=runs/rm
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import losses, models, optim
+from rlhf_jax import sharding as shd
+from rlhf_jax.checkpoint import CheckpointConfig
+from rlhf_jax.config import ConfigError, check
+from rlhf_jax.data import DataConfig, DataError, PreferenceData, load_preferences, synthetic
+from rlhf_jax.models.config import Family, TransformerConfig
+from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.runner import GuardConfig, NonFiniteError, Runner, fail
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+    """A fresh transformer for from-scratch runs; vocabulary and special ids come from the
+    tokenizer.
+
+    Attributes:
+      family: gpt2, llama or qwen2 (names and layout of the export).
+      hidden_size: model width.
+      num_layers: decoder blocks.
+      num_heads: attention heads.
+      num_kv_heads: key/value heads (none = num_heads).
+      intermediate_size: MLP width.
+      max_position_embeddings: longest sequence the model accepts.
+    """
+
+    family: Family = Family.GPT2
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Where the reward model starts.
+
+    Attributes:
+      path: a Hugging Face model directory: a causal LM (a score head is added) or a
+        sequence-classification model with one label (ours or transformers').
+      init: or a fresh architecture, trained from scratch.
+      tokenizer: tokenizer directory; none = `path` (or the synthetic data's tokenizer).
+      dtype: compute dtype, float32 or bfloat16 (params stay float32).
+      remat: recompute each block in the backward pass (saves activation memory).
+    """
+
+    path: Optional[str] = None
+    init: Optional[ArchConfig] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        check((self.path is None) != (self.init is None), "path", self.path,
+              "exactly one of model.path (a Hugging Face directory) and model.init (a fresh "
+              "architecture)")
+        check(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "float32 or bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMConfig:
+    """A reward-model training run.
+
+    Attributes:
+      out_dir: where checkpoints, metrics, the resolved config and the export go.
+      seed: seed of the head initialisation, held-out split and data order.
+      model: the starting model.
+      data: preference data (see rlhf_jax.data.DataConfig).
+      optim: optimizer and learning-rate schedule.
+      mesh: device mesh (data, fsdp, tensor); -1 fills with the remaining devices.
+      batch_size: preference pairs per optimizer step (global, over all hosts).
+      grad_accum: microbatches per step (batch_size must divide by it).
+      steps: optimizer steps; 0 = `epochs` passes over the training pairs.
+      epochs: passes over the data when steps is 0.
+      eval_every: evaluate on the held-out split every this many steps (0 = only at the end).
+      log_every: write training metrics every this many steps.
+      margin_scale: s in −log σ(r_c − r_r − s·m), for data with a margin column
+        (0 = ignore the margins).
+      center_coef: λ of the reward-centering term λ·(r_c + r_r)² (0 = off).
+      normalise_after_training: set the model's gain and bias so that scores of the held-out
+        responses (training ones without a held-out split) have mean 0 and std 1.
+      export: write a Hugging Face sequence-classification model (+ tokenizer) to out_dir/export.
+      checkpoint: checkpoint schedule and resume.
+      guard: what to do on a non-finite loss or gradient.
+    """
+
+    out_dir: str = "runs/rm"
+    seed: int = 0
+    model: ModelConfig = ModelConfig(init=ArchConfig())
+    data: DataConfig = DataConfig(synthetic=synthetic.SyntheticConfig())
+    optim: OptimizerConfig = OptimizerConfig()
+    mesh: tuple[int, int, int] = (1, -1, 1)
+    batch_size: int = 32
+    grad_accum: int = 1
+    steps: int = 0
+    epochs: int = 1
+    eval_every: int = 0
+    log_every: int = 10
+    margin_scale: float = 1.0
+    center_coef: float = 0.0
+    normalise_after_training: bool = False
+    export: bool = True
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    guard: GuardConfig = GuardConfig()
+
+    def __post_init__(self):
+        check(self.batch_size > 0, "batch_size", self.batch_size, "1 or more pairs")
+        check(self.grad_accum > 0 and self.batch_size % self.grad_accum == 0, "grad_accum",
+              self.grad_accum, f"a positive divisor of batch_size={self.batch_size}")
+        check(self.steps >= 0, "steps", self.steps, "0 (use epochs) or more")
+        check(self.epochs > 0, "epochs", self.epochs, "1 or more")
+        check(self.eval_every >= 0, "eval_every", self.eval_every, "0 (end only) or more")
+        check(self.log_every > 0, "log_every", self.log_every, "1 or more")
+        check(self.center_coef >= 0, "center_coef", self.center_coef, "0 (off) or more")
+
+
+CONFIG_CLASS = RMConfig
+
+# ----------------------------------------------------------------------------- step
+
+
+def pair_scores(params: Any, batch: dict, model) -> tuple[jax.Array, jax.Array]:
+    """(r_chosen [B], r_rejected [B]) from ONE forward pass over the 2B sequences.
+
+    batch["input_ids"] is [B, 2, T] (chosen, rejected next to each other), so the reshape
+    to [2B, T] keeps each pair on the device that holds it.
+    """
+    b, _, t = batch["input_ids"].shape
+    scores = model.apply(
+        {"params": params},
+        batch["input_ids"].reshape(2 * b, t),
+        batch["attention_mask"].reshape(2 * b, t),
+    )  # [2B]
+    scores = scores.astype(jnp.float32).reshape(b, 2)
+    return scores[:, 0], scores[:, 1]
+
+
+def pair_loss(
+    chosen: jax.Array,
+    rejected: jax.Array,
+    margin: jax.Array,
+    weight: jax.Array,
+    margin_scale: float = 1.0,
+    center_coef: float = 0.0,
+) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+    """Σ_b w_b · [−log σ(r_c − r_r − s·m) + λ (r_c + r_r)²], its pair count and metric sums.
+
+    All inputs [B]. Returns (loss_sum, (Σ w, sums of loss, bt_loss, accuracy, margin)),
+    the shape `optim.accumulate_gradients` expects.
+    """
+    bt = losses.bradley_terry_loss(chosen, rejected, margin_scale * margin)  # [B]
+    center = center_coef * (chosen + rejected) ** 2  # [B]
+    loss_sum = jnp.sum(weight * (bt + center))
+    sums = {
+        "loss": loss_sum,
+        "bt_loss": jnp.sum(weight * bt),
+        "accuracy": jnp.sum(weight * (chosen > rejected)),
+        "margin": jnp.sum(weight * (chosen - rejected)),
+    }
+    return loss_sum, (jnp.sum(weight), sums)
+
+
+def loss_fn(params: Any, batch: dict, *, model, margin_scale: float, center_coef: float):
+    chosen, rejected = pair_scores(params, batch, model)
+    return pair_loss(chosen, rejected, batch["margin"], batch["weight"], margin_scale, center_coef)
+
+
+def train_step(
+    state: optim.TrainState,
+    batch: dict,
+    *,
+    model,
+    tx: optax.GradientTransformation,
+    grad_accum: int = 1,
+    margin_scale: float = 1.0,
+    center_coef: float = 0.0,
+) -> tuple[optim.TrainState, dict]:
+    """One reward-model update on `batch` (see rlhf_jax.data.preference for its layout).
+
+    Close over everything after `*` with `functools.partial`, then jit with
+    `donate_argnums=0`. A non-finite update keeps the old params (the step still counts);
+    `finite` in the metrics says so.
+
+    Returns:
+      (new state, metrics): loss, bt_loss, accuracy, margin (means over pairs), grad_norm,
+      update_norm, pairs (count) and finite.
+    """
+    grads, count, means = optim.accumulate_gradients(
+        functools.partial(loss_fn, model=model, margin_scale=margin_scale, center_coef=center_coef),
+        state.params, batch, grad_accum,
+    )
+    new_state, norms = optim.apply_gradients(state, grads, tx)
+    finite = optim.all_finite(means["loss"], norms["grad_norm"], norms["update_norm"])
+    new_state = optim.skip_if_not_finite(new_state, state, finite)
+    return new_state, {**means, **norms, "pairs": count, "finite": finite}
+
+
+def eval_step(params: Any, batch: dict, *, model, margin_scale: float = 1.0,
+              center_coef: float = 0.0) -> dict:
+    """Metric sums over one batch (divide by `pairs` after adding up all batches)."""
+    _, (count, sums) = loss_fn(params, batch, model=model, margin_scale=margin_scale,
+                               center_coef=center_coef)
+    return {**sums, "pairs": count}
+
+
+def score_moments(params: Any, batch: dict, *, model) -> dict:
+    """Σ w, Σ w·s and Σ w·s² over the chosen and rejected scores s of a batch (for normalising)."""
+    chosen, rejected = pair_scores(params, batch, model)
+    w = batch["weight"]
+    return {"count": 2 * jnp.sum(w), "sum": jnp.sum(w * (chosen + rejected)),
+            "sum_sq": jnp.sum(w * (chosen**2 + rejected**2))}
+
+
+def reward_normalisation(
+    mean: float, std: float, gain: float = 1.0, bias: float = 0.0
+) -> tuple[float, float]:
+    """(gain', bias') that turn scores s = gain·(w·h) + bias of this mean and std into
+    (s − mean) / std = (gain/std)·(w·h) + (bias − mean)/std."""
+    std = std if std > 1e-8 else 1.0
+    return gain / std, (bias - mean) / std
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def load_tokenizer(cfg: RMConfig, synthetic_tokenizer: Optional[str]):
+    path = cfg.model.tokenizer or cfg.model.path or synthetic_tokenizer
+    if path is None:
+        raise ConfigError("model.tokenizer", "config key 'model.tokenizer' is required when the "
+                                             "model is trained from scratch on files")
+    return models.load_tokenizer(path)
+
+
+def resolve_data(cfg: RMConfig) -> tuple[DataConfig, Optional[str]]:
+    """The data section with generated files filled in (data.synthetic), and their tokenizer."""
+    if cfg.data.synthetic is None:
+        return cfg.data, None
+    paths = synthetic.generate(cfg.data.synthetic, os.path.join(cfg.out_dir, "synthetic"))
+    data = dataclasses.replace(cfg.data, train=paths["train"], eval=paths["eval"] or cfg.data.eval)
+    return data, paths["tokenizer"]
+
+
+def load_model(cfg: ModelConfig, tokenizer, mesh, seed: int):
+    """(RewardModel, params placed on `mesh`) from a Hugging Face directory or a fresh init."""
+    overrides = {"dtype": cfg.dtype, "remat": cfg.remat}
+    if cfg.path is not None:
+        return models.load_hf(cfg.path, head="reward", mesh=mesh, seed=seed, **overrides)
+    arch = cfg.init
+    vocab = -(-len(tokenizer) // 64) * 64  # rounded up: divisible by tensor-parallel sizes
+    family = Family(arch.family)
+    tcfg = TransformerConfig(
+        family=family,
+        vocab_size=vocab,
+        hidden_size=arch.hidden_size,
+        num_layers=arch.num_layers,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        qkv_bias=family != Family.LLAMA,
+        tie_word_embeddings=family != Family.LLAMA,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )
+    return models.init_model(tcfg, "reward", seed=seed, mesh=mesh)
+
+
+def create_state(model, params, tx, mesh, rules=shd.DEFAULT_RULES):
+    """(train state, its shardings): optimizer moments sharded like the params they follow."""
+    abstract = jax.eval_shape(lambda p: optim.create_state(p, tx), models.abstract_params(model))
+    shardings = shd.shardings_for(abstract, mesh, rules)
+    with shd.use_mesh(mesh, rules):
+        state = jax.jit(lambda p: optim.create_state(p, tx), out_shardings=shardings)(params)
+    return state, shardings
+
+
+def batch_shardings(mesh) -> dict:
+    return {"input_ids": shd.batch_sharding(mesh, 3), "attention_mask": shd.batch_sharding(mesh, 3),
+            "margin": shd.batch_sharding(mesh, 1), "weight": shd.batch_sharding(mesh, 1)}
+
+
+def compile_steps(cfg: RMConfig, model, tx, mesh, state_shardings) -> tuple[Callable, Callable]:
+    """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
+    loss_args = {"margin_scale": cfg.margin_scale, "center_coef": cfg.center_coef}
+    train = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.grad_accum, **loss_args),
+        in_shardings=(state_shardings, batch_shardings(mesh)),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, model=model, **loss_args),
+        in_shardings=(state_shardings.params, batch_shardings(mesh)),
+        out_shardings=shd.replicated(mesh),
+    )
+    return train, evaluate
+
+
+def matmul_flops_per_s(n: int = 1024, reps: int = 5) -> float:
+    """The machine's measured float32 (bfloat16 on accelerators) matmul rate: the MFU ceiling."""
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def evaluate(eval_fn: Callable, params, data: PreferenceData, mesh) -> dict[str, float]:
+    """Means over every held-out pair: loss, bt_loss, accuracy, margin."""
+    total: dict = {}
+    for batch in data.epoch_batches(0):
+        sums = eval_fn(params, shd.shard_batch(batch, mesh))
+        total = sums if not total else jax.tree_util.tree_map(jnp.add, total, sums)
+    host = jax.device_get(total)
+    pairs = max(float(host.pop("pairs")), 1.0)
+    return {k: float(v) / pairs for k, v in host.items()}
+
+
+def normalised(model, params, data: PreferenceData, mesh):
+    """`model` with gain and bias set so that its scores on `data` have mean 0 and std 1."""
+    moments_fn = jax.jit(functools.partial(score_moments, model=model),
+                         out_shardings=shd.replicated(mesh))
+    total = np.zeros(3)
+    for batch in data.epoch_batches(0):
+        m = jax.device_get(moments_fn(params, shd.shard_batch(batch, mesh)))
+        total += [float(m["count"]), float(m["sum"]), float(m["sum_sq"])]
+    mean = total[1] / total[0]
+    std = math.sqrt(max(total[2] / total[0] - mean**2, 0.0))
+    gain, bias = reward_normalisation(mean, std, model.gain, model.bias)
+    return models.make_model(model.cfg, "reward", gain=gain, bias=bias)
+
+
+class Throughput:
+    """Pairs/s, tokens/s and MFU over a logging window; steps that compiled are left out."""
+
+    def __init__(self, model_cfg: TransformerConfig, ceiling_flops_per_s: float):
+        self.cfg, self.ceiling = model_cfg, ceiling_flops_per_s
+        self.shapes: set = set()
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = self.pairs = self.tokens = self.flops = 0.0
+
+    def add(self, batch: dict, seconds: float) -> None:
+        b, _, t = batch["input_ids"].shape
+        if t not in self.shapes:  # the first step at this length compiled: not a throughput sample
+            self.shapes.add(t)
+            return
+        tokens = 2 * b * t  # what the device computes, padding included
+        # training FLOPs per token, less the LM head a reward model does not have
+        lm_head = 6 * self.cfg.vocab_size * self.cfg.hidden_size
+        per_token = models.flops_per_token(self.cfg, t, training=True) - lm_head
+        self.seconds += seconds
+        self.pairs += float(batch["weight"].sum())
+        self.tokens += tokens
+        self.flops += per_token * tokens
+
+    def metrics(self) -> dict[str, float]:
+        if not self.seconds:
+            return {}
+        out = {"perf/pairs_per_s": self.pairs / self.seconds,
+               "perf/tokens_per_s": self.tokens / self.seconds,
+               "perf/mfu": self.flops / self.seconds / self.ceiling}
+        self.reset()
+        return out
+
+
+def _prefixed(metrics: dict, prefix: str) -> dict[str, float]:
+    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+
+
+def train(cfg: RMConfig, log: Callable[[str], None] = print) -> dict:
+    """Trains (or resumes) a reward model as `cfg` says; returns the final held-out metrics.
+
+    Writes to cfg.out_dir: config.yaml, checkpoints/ (state and data position, resumed from
+    when present), metrics.jsonl and TensorBoard events, and export/ (Hugging Face).
+    """
+    from tqdm import tqdm
+
+    from rlhf_jax.logging import MetricsLogger
+
+    wall = time.perf_counter()
+    data_cfg, synthetic_tokenizer = resolve_data(cfg)
+    tokenizer = load_tokenizer(cfg, synthetic_tokenizer)
+    mesh = shd.make_mesh(cfg.mesh)
+    train_data, held_out = load_preferences(data_cfg, tokenizer, cfg.batch_size, cfg.seed)
+    for part in (train_data, held_out):
+        if part is not None:
+            log(part.summary)
+    total = cfg.steps or sum(train_data.batches_per_epoch(e) for e in range(cfg.epochs))
+    model, params = load_model(cfg.model, tokenizer, mesh, cfg.seed)
+    if len(tokenizer) > model.cfg.vocab_size:
+        raise ConfigError("model.tokenizer",
+                          f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                          f"only {model.cfg.vocab_size}; use the model's tokenizer")
+    tx = optim.make_optimizer(cfg.optim, total)
+    lr = optim.learning_rate_schedule(cfg.optim, total)
+    state, shardings = create_state(model, params, tx, mesh)
+    del params
+    train_fn, eval_fn = compile_steps(cfg, model, tx, mesh, shardings)
+    perf = Throughput(model.cfg, matmul_flops_per_s())
+    reference = held_out if held_out is not None else train_data
+    result: dict = {}
+    with Runner(cfg.out_dir, cfg.checkpoint, cfg.guard, config=cfg, log=log) as run, \
+            shd.use_mesh(mesh):
+        start, state, _ = run.resume(state)
+        logger = MetricsLogger(cfg.out_dir, resume_step=start or None,
+                               enabled=jax.process_index() == 0)
+        with run.preemptible(), tqdm(total=total, initial=start, desc="rm", unit="step") as bar:
+            for step in range(start + 1, total + 1):
+                tick = time.perf_counter()
+                batch = train_data.batch(step - 1)
+                state, metrics = train_fn(state, shd.shard_batch(batch, mesh))
+                if not run.after_step(step, state, metrics, {"data_position": step}):
+                    return {"preempted": True, "exit_code": run.exit_code()}
+                perf.add(batch, time.perf_counter() - tick)  # after_step synced on the loss
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total:
+                    host = jax.device_get(metrics)
+                    bar.set_postfix(loss=f"{float(host['loss']):.3f}",
+                                    acc=f"{float(host['accuracy']):.2f}")
+                    logger.log(step, {**_prefixed(host, "train"), "train/lr": float(lr(step - 1)),
+                                      **perf.metrics()})
+                if held_out is not None and cfg.eval_every and step % cfg.eval_every == 0 \
+                        and step < total:  # the last step is evaluated below
+                    held_out_metrics = evaluate(eval_fn, state.params, held_out, mesh)
+                    logger.log(step, _prefixed(held_out_metrics, "eval"))
+        if held_out is not None:
+            result = evaluate(eval_fn, state.params, held_out, mesh)
+            logger.log(total, _prefixed(result, "eval"))
+        if cfg.normalise_after_training:
+            model = normalised(model, state.params, reference, mesh)
+            log(f"reward normalisation: gain {model.gain:.4g}, bias {model.bias:.4g}")
+        run.finish(total, state, {"data_position": total, "reward_gain": model.gain,
+                                  "reward_bias": model.bias})
+    export = os.path.join(cfg.out_dir, "export")
+    if cfg.export and jax.process_index() == 0:
+        models.save_hf(export, model, jax.device_get(state.params), tokenizer)
+        log(f"exported the reward model to {export}")
+    logger.close()
+    return {"eval": result, "steps": total, "gain": model.gain, "bias": model.bias,
+            "export": export if cfg.export else None, "wall_s": time.perf_counter() - wall}
+
+
+def cli(argv: list[str]) -> int:
+    """`rlhf-jax rm --config FILE key.sub=value ...`."""
+    parser = argparse.ArgumentParser(
+        prog="rlhf-jax rm", description="Train a reward model on preference pairs (Bradley-Terry).")
+    parser.add_argument("--config", help="YAML file of RMConfig fields (configs/rm_tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override config keys, e.g. optim.learning_rate=1e-4 steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_lib.load(RMConfig, args.config, args.overrides)
+        shd.resolve_mesh_shape(cfg.mesh, jax.device_count())
+    except ConfigError as e:
+        return fail(f"rlhf-jax rm: {e}")
+    except ValueError as e:  # the mesh does not fit the devices
+        return fail(f"rlhf-jax rm: config key 'mesh': {e}")
+    from tqdm import tqdm
+
+    try:
+        result = train(cfg, log=tqdm.write)
+    except ConfigError as e:
+        return fail(f"rlhf-jax rm: {e}")
+    except DataError as e:
+        return fail(f"rlhf-jax rm: data error: {e}", 1)
+    except NonFiniteError as e:
+        return fail(f"rlhf-jax rm: {e}", 3)
+    if result.get("preempted"):
+        return result["exit_code"]
+    if result["eval"]:
+        order = ["loss", "accuracy", "margin", "bt_loss"]
+        summary = ", ".join(f"{k} {result['eval'][k]:.4f}" for k in order if k in result["eval"])
+        print(f"held-out after {result['steps']} steps: {summary}")
+    return 0
