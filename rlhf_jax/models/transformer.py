@@ -7,9 +7,13 @@ Padding: every call takes `attention_mask` [B, T] (1 = real token). Position ids
 tokens only (`cumsum(mask) - 1`), and keys at padded slots are never attended to, so a
 left- or right-padded sequence gives the same logits at its real tokens as the sequence alone.
 
-KV cache: `KVCache` is an explicit pytree. A call with `cache=` attends to the cached keys
-plus the new tokens, writes the new keys/values at `cache.index` and returns the updated
-cache next to the output. Prefill is a call with the whole prompt, decode a call with T = 1.
+KV cache: `KVCache` is an explicit pytree. A call with `cache=` writes the new keys/values
+at `cache.index`, attends over the cache (earlier tokens plus the new ones, causally) and
+returns the updated cache next to the output. Prefill is a call with the whole prompt,
+decode a call with T = 1. Keys/values are stored [B, K, S, Dh] per layer, the layout the
+attention dots read without a transpose; unrolled layers (`scan_layers=False`) keep one
+array per layer, so that a decode loop reads and updates each in place instead of slicing
+a stacked array.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class KVCache:
     """Keys and values of every layer for the tokens seen so far.
 
     Attributes:
-      k, v: [L, B, S, K, Dh] keys and values (compute dtype).
+      k, v: keys and values (compute dtype): [L, B, K, S, Dh] with `scan_layers`, else a
+        tuple of L arrays [B, K, S, Dh].
       mask: [B, S] bool, True where the slot holds a real token.
       lengths: [B] int32, real tokens seen per sequence (the next position id).
       index: int32 scalar, the next slot to write (the same for the whole batch).
@@ -54,11 +59,17 @@ class KVCache:
 
 def init_cache(cfg: TransformerConfig, batch_size: int, max_len: int) -> KVCache:
     """An empty cache for `batch_size` sequences of at most `max_len` tokens in all."""
-    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
+
+    def zeros():
+        if cfg.scan_layers:
+            return jnp.zeros((cfg.num_layers, *shape), dtype)
+        return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=zeros(),
+        v=zeros(),
         mask=jnp.zeros((batch_size, max_len), bool),
         lengths=jnp.zeros((batch_size,), jnp.int32),
         index=jnp.zeros((), jnp.int32),
@@ -75,6 +86,20 @@ def position_ids(attention_mask: Array, start: Optional[Array] = None) -> Array:
     if start is not None:
         pos = pos + start[:, None]
     return jnp.maximum(pos, 0)
+
+
+def segment_position_ids(attention_mask: Array, segment_ids: Array) -> Array:
+    """Position of each token among the real tokens of its own segment: [B, T] int32.
+
+    For packed rows (several examples per row): each example starts again at position 0,
+    as if it were alone in its row.
+    """
+    real = attention_mask.astype(jnp.int32)
+    seen = jnp.cumsum(real, axis=1)  # real tokens up to and including t
+    first = jnp.ones_like(segment_ids[:, :1], bool)
+    starts = jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    before_segment = jax.lax.cummax(jnp.where(starts, seen - real, 0), axis=1)
+    return jnp.maximum(seen - 1 - before_segment, 0)
 
 
 def rope_frequencies(cfg: TransformerConfig) -> Array:
@@ -158,10 +183,16 @@ class Attention(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, positions, token_mask, past_kv, past_mask):
-        """x [B, T, D] → (out [B, T, D], (k, v) of the new tokens, each [B, T, K, Dh]).
+    def __call__(self, x, positions, token_mask, layer_cache=None, cache_mask=None, index=None,
+                 segment_ids=None):
+        """x [B, T, D] → (out [B, T, D], (k, v)).
 
-        past_kv: None, or this layer's cached (k, v) [B, S, K, Dh] with past_mask [B, S].
+        Without a cache, (k, v) are the tokens' own, each [B, T, K, Dh]. With this layer's
+        `layer_cache` (k, v) [B, K, S, Dh], the new keys/values are first written at slot
+        `index` and every query attends over the cache up to its own slot, where
+        `cache_mask` [B, S] (new tokens included) is set; (k, v) is the updated cache.
+        Writing before reading lets XLA update the cache in place inside a decode loop.
+        `segment_ids` [B, T] (packed rows, no cache): a query sees only keys of its segment.
         """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -176,33 +207,33 @@ class Attention(nn.Module):
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
         q = q.reshape(b, t, kh, g, dh) * jnp.asarray(1.0 / math.sqrt(dh), dtype)
-        # New tokens see earlier new tokens (causal) that are real.
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        allowed_new = causal[None, None, None] & token_mask[:, None, None, None, :].astype(bool)
-        scores_new = jnp.einsum("btkgd,bskd->bkgts", q, k)
-        if past_kv is None:
-            weights = _attention_weights(scores_new, allowed_new).astype(dtype)
-            out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
+        if layer_cache is None:
+            # Each token sees the earlier (causal) real tokens.
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            allowed = causal[None, None, None] & token_mask[:, None, None, None, :].astype(bool)
+            if segment_ids is not None:  # packed rows: only keys of the query's own example
+                same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
+                allowed = allowed & same[:, None, None]
+            weights = _attention_weights(jnp.einsum("btkgd,bskd->bkgts", q, k), allowed)
+            out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(dtype), v)
+            new_kv = (k, v)
         else:
-            # Cached tokens precede every new token: only their padding is masked.
-            past_k, past_v = past_kv
-            scores_past = jnp.einsum("btkgd,bskd->bkgts", q, past_k)
-            allowed_past = jnp.broadcast_to(
-                past_mask[:, None, None, None, :], scores_past.shape
-            )
-            s = scores_past.shape[-1]
-            weights = _attention_weights(
-                jnp.concatenate([scores_past, scores_new], axis=-1),
-                jnp.concatenate([allowed_past, jnp.broadcast_to(allowed_new, scores_new.shape)], -1),
-            ).astype(dtype)
-            out = jnp.einsum("bkgts,bskd->btkgd", weights[..., :s], past_v) + jnp.einsum(
-                "bkgts,bskd->btkgd", weights[..., s:], v
-            )
+            new_kv = tuple(
+                jax.lax.dynamic_update_slice(
+                    stored, jnp.swapaxes(new, 1, 2).astype(stored.dtype), (0, 0, index, 0))
+                for stored, new in zip(layer_cache, (k, v))
+            )  # [B, K, S, Dh] each
+            cached_k, cached_v = new_kv
+            slots = jnp.arange(cached_k.shape[2])
+            causal = slots[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
+            allowed = causal[None, None, None] & cache_mask[:, None, None, None, :]
+            weights = _attention_weights(jnp.einsum("btkgd,bksd->bkgts", q, cached_k), allowed)
+            out = jnp.einsum("bkgts,bksd->btkgd", weights.astype(dtype), cached_v)
         out = out.reshape(b, t, h * dh)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
         use_o_bias = cfg.family == Family.GPT2
         out = _dense(cfg.hidden_size, ("heads", "embed"), use_o_bias, dtype, "o")(out)
-        return out, (k, v)
+        return out, new_kv
 
 
 class MLP(nn.Module):
@@ -229,9 +260,10 @@ class Block(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, layer_kv, positions, token_mask, past_mask):
+    def __call__(self, x, layer_cache, positions, token_mask, cache_mask, index, segment_ids=None):
         attn_out, new_kv = Attention(self.cfg, name="attn")(
-            _norm(self.cfg, "attn_norm")(x), positions, token_mask, layer_kv, past_mask
+            _norm(self.cfg, "attn_norm")(x), positions, token_mask, layer_cache, cache_mask, index,
+            segment_ids,
         )
         x = x + attn_out
         x = x + MLP(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
@@ -261,12 +293,12 @@ class Transformer(nn.Module):
             )
         block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
         if cfg.scan_layers:
-            # Block's (x, layer_kv, ...) -> (x, new_kv) is scan's (carry, xs) -> (carry, ys).
+            # Block's (x, layer_cache, ...) -> (x, new_kv) is scan's (carry, xs) -> (carry, ys).
             self.layers = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
@@ -279,46 +311,58 @@ class Transformer(nn.Module):
         input_ids: Array,
         attention_mask: Optional[Array] = None,
         cache: Optional[KVCache] = None,
+        segment_ids: Optional[Array] = None,
     ) -> tuple[Array, Optional[KVCache]]:
-        """input_ids [B, T] → (hidden [B, T, D], updated cache or None)."""
+        """input_ids [B, T] → (hidden [B, T, D], updated cache or None).
+
+        `segment_ids` [B, T] int (calls without a cache only) packs several examples in a
+        row: 1, 2, … number them, 0 is padding. Tokens attend only within their example and
+        positions restart at each, so every example gets the logits it would get alone.
+        """
         cfg = self.cfg
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) apply only to calls without a cache")
+            attention_mask = attention_mask * (segment_ids > 0)
         token_mask = attention_mask.astype(bool)
-        positions = position_ids(attention_mask, None if cache is None else cache.lengths)
+        if segment_ids is None:
+            positions = position_ids(attention_mask, None if cache is None else cache.lengths)
+        else:
+            positions = segment_position_ids(attention_mask, segment_ids)
         x = self.embed(input_ids)
         if cfg.learned_positions:
             x = x + self.pos_embed(positions)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        past_mask = None if cache is None else cache.mask
+        if cache is None:
+            cache_mask = index = None
+        else:
+            index = cache.index
+            cache_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, index))
         if cfg.scan_layers:
-            past = None if cache is None else (cache.k, cache.v)
-            x, new_kv = self.layers(x, past, positions, token_mask, past_mask)
+            layer_caches = None if cache is None else (cache.k, cache.v)
+            x, new_kv = self.layers(x, layer_caches, positions, token_mask, cache_mask, index,
+                                    segment_ids)
         else:
             new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
-                past = None if cache is None else (cache.k[i], cache.v[i])
-                x, (k, v) = layer(x, past, positions, token_mask, past_mask)
+                layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+                x, (k, v) = layer(x, layer_cache, positions, token_mask, cache_mask, index,
+                                  segment_ids)
                 new_k.append(k)
                 new_v.append(v)
-            new_kv = (jnp.stack(new_k), jnp.stack(new_v))
+            new_kv = (tuple(new_k), tuple(new_v))
         x = self.final_norm(x)
         if cache is None:
             return x, None
-        return x, _write_cache(cache, new_kv, token_mask)
-
-
-def _write_cache(cache: KVCache, new_kv, token_mask: Array) -> KVCache:
-    """Writes the new tokens' k/v [L, B, T, K, Dh] and mask at slot `cache.index`."""
-    k, v = new_kv
-    i = cache.index
-    return KVCache(
-        k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, i, 0, 0)),
-        v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, i, 0, 0)),
-        mask=jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, i)),
-        lengths=cache.lengths + token_mask.sum(axis=1, dtype=jnp.int32),
-        index=i + token_mask.shape[1],
-    )
+        return x, KVCache(
+            k=new_kv[0],
+            v=new_kv[1],
+            mask=cache_mask,
+            lengths=cache.lengths + token_mask.sum(axis=1, dtype=jnp.int32),
+            index=index + token_mask.shape[1],
+        )
 
 
 def last_token_index(attention_mask: Optional[Array], length: int) -> Array:
@@ -349,8 +393,8 @@ class CausalLM(nn.Module):
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return logits.astype(jnp.float32)
 
-    def __call__(self, input_ids, attention_mask=None, cache=None):
-        hidden, cache = self.model(input_ids, attention_mask, cache)
+    def __call__(self, input_ids, attention_mask=None, cache=None, segment_ids=None):
+        hidden, cache = self.model(input_ids, attention_mask, cache, segment_ids)
         logits = self.logits(hidden)
         return logits if cache is None else (logits, cache)
 
