@@ -333,7 +333,3 @@ def update_kl_controller(state: KLControllerState, kl: Array, n_steps,
                          horizon: float) -> KLControllerState:
     """One controller update after a batch, by the chosen `KLControl` (see the two above)."""
     return _KL_UPDATES[KLControl(control)](state, kl, n_steps, target, horizon)
-
-
-# The name rlhf_jax/ppo.py imports today; remove once it calls `score_with_eos_penalty`.
-penalise_missing_stop = score_with_eos_penalty

@@ -25,24 +25,22 @@ import optax
 
 from rlhf_jax import optim
 from rlhf_jax.advantages import (  # noqa: F401 - the public PPO API lives here too
+    KLControl,
+    KLEstimator,
     gae,
     masked_mean,
     masked_whiten,
-    penalise_missing_stop,
+    score_with_eos_penalty,
     shape_rewards,
 )
 from rlhf_jax.config import check
-from rlhf_jax.losses import KLEstimator, entropy_sum, policy_loss, value_loss  # noqa: F401
+from rlhf_jax.generate import Rollout  # noqa: F401 - what `score` takes
+from rlhf_jax.losses import entropy_sum, logprobs_from_logits, policy_loss, value_loss
 
 
 class ValueKind(str, enum.Enum):
     SEPARATE = "separate"  # a critic of its own, initialised from the reward model
     SHARED = "shared"  # a value head on the policy's trunk
-
-
-class KLControl(str, enum.Enum):
-    FIXED = "fixed"
-    ADAPTIVE = "adaptive"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,15 +121,14 @@ class Experience:
 
 def response_logprobs(logits: jax.Array, input_ids: jax.Array, response_width: int,
                       temperature: float) -> tuple[jax.Array, jax.Array]:
-    """Log-probs [B, R] of the response tokens, and the logits [B, R, V] that gave them.
+    """Log-probs [B, R] of the response tokens at temperature τ, and the (unscaled) logits
+    [B, R, V] that predict them.
 
     log π(y_r | x, y_<r) = log_softmax(logits_{P+r−1} / τ)[y_r].
     """
     p = input_ids.shape[1] - response_width
-    logits = logits[:, p - 1 : -1] / temperature  # [B, R, V]
-    tokens = input_ids[:, p:]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0], logits
+    logits = logits[:, p - 1 : -1]  # [B, R, V]
+    return logprobs_from_logits(logits, input_ids[:, p:], temperature), logits
 
 
 def policy_and_values(params: Any, batch: Any, *, policy, critic, cfg: PPOConfig):
@@ -162,7 +159,7 @@ def ppo_loss(params: Any, mb: Experience, *, policy, critic, cfg: PPOConfig):
         logprobs, mb.logprobs, mb.advantages, mask, cfg.clip_eps, cfg.dual_clip
     )
     vf_sum, _, vf_metrics = value_loss(values, mb.values, mb.returns, mask, cfg.value_clip_eps)
-    ent_sum = entropy_sum(logits, mask)
+    ent_sum = entropy_sum(logits, mask, cfg.temperature)
     loss = pg_sum + cfg.vf_coef * vf_sum - cfg.entropy_coef * ent_sum
     metrics = {"loss": loss, "policy_loss": pg_sum, "value_loss": vf_sum, "entropy": ent_sum,
                **pg_metrics, **vf_metrics}
@@ -197,6 +194,7 @@ def train_step(
         grads, count, means = optim.accumulate_gradients(loss_fn, state.params, mb, cfg.grad_accum)
         new_state, norms = optim.apply_gradients(state, grads, tx)
         finite = optim.all_finite(means["loss"], norms["grad_norm"], norms["update_norm"])
+        new_state = optim.skip_if_not_finite(new_state, state, finite)  # bad update: keep old
         return new_state, {**means, **norms, "finite": finite.astype(jnp.float32)}
 
     def epoch(state, i):
@@ -209,20 +207,11 @@ def train_step(
     return state, out
 
 
-@flax.struct.dataclass
-class Rollout:
-    """Sampled responses appended to their prompts (what the rollout engine returns)."""
-
-    input_ids: jax.Array  # [B, T] left-padded prompt + response (pad after the response end)
-    attention_mask: jax.Array  # [B, T]
-    response_mask: jax.Array  # [B, R]
-    ended_with_stop: jax.Array  # [B] bool: the response produced a stop token
-
-
 def score(params: dict, rollout: Rollout, *, policy, critic, reward_model, cfg: PPOConfig) -> dict:
     """The one scoring pass: policy and reference log-probs, values, and RM scores.
 
-    `params` = {"policy", "ref", "reward"} plus "critic" for a separate critic. Policy and
+    `rollout` is the rollout engine's `generate.Rollout` (or any object with its
+    input_ids, attention_mask, response_mask and ended_with_stop). `params` = {"policy", "ref", "reward"} plus "critic" for a separate critic. Policy and
     reference log-probs use the sampling temperature; the RM reads the last real token.
     """
     r = rollout.response_mask.shape[1]
@@ -244,7 +233,7 @@ def with_advantages(
     if cfg.reward_clip is not None:
         scores = jnp.clip(scores, -cfg.reward_clip, cfg.reward_clip)
     if cfg.missing_eos_penalty is not None:
-        scores = penalise_missing_stop(scores, rollout.ended_with_stop, cfg.missing_eos_penalty)
+        scores = score_with_eos_penalty(scores, rollout.ended_with_stop, cfg.missing_eos_penalty)
     rewards, stats = shape_rewards(scores, scored["logprobs"], scored["ref_logprobs"], mask,
                                    kl_coef, cfg.kl_estimator)
     if cfg.whiten_rewards:

@@ -24,9 +24,11 @@ def rollout(seed=0):
         ids[b, P - prompt_lens[b]:P] = rng.integers(3, V, prompt_lens[b])
         ids[b, P:P + resp_lens[b]] = rng.integers(3, V, resp_lens[b])
         mask[b, P - prompt_lens[b]:P + resp_lens[b]] = 1
-    return ppo.Rollout(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                       response_mask=jnp.asarray(mask[:, P:]),
-                       ended_with_stop=jnp.asarray(resp_lens < R))
+    return ppo.Rollout(
+        prompt_ids=jnp.asarray(ids[:, :P]), prompt_mask=jnp.asarray(mask[:, :P]),
+        tokens=jnp.asarray(ids[:, P:]), response_mask=jnp.asarray(mask[:, P:]),
+        logprobs=jnp.zeros((B, R)), lengths=jnp.asarray(resp_lens, jnp.int32),
+        ended_with_stop=jnp.asarray(resp_lens < R), num_steps=jnp.asarray(R))
 
 
 def setup(value_kind, mesh=None):
