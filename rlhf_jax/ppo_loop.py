@@ -316,9 +316,12 @@ def _postfix(metrics: dict) -> dict:
     return {"score": f"{metrics['env/score']:.3f}", "kl": f"{metrics['env/kl']:.3f}"}
 
 
-def train(cfg: PPORunConfig, log: Callable[[str], None] = print,
-          progress_desc: str = "ppo") -> dict:
+def train(cfg: PPORunConfig, log: Callable[[str], None] = print, progress_desc: str = "ppo",
+          on_iteration: Optional[Callable[[int, list[str], list[str]], dict]] = None) -> dict:
     """Runs (or resumes) PPO as `cfg` says; returns the last metrics and held-out evaluation.
+
+    `on_iteration(iteration, prompts, responses)` (texts of the batch) may return extra
+    metrics to log with the iteration's, e.g. a score by a judge the RM only approximates.
 
     Writes to cfg.out_dir: config.yaml, checkpoints/ (policy, critic, optimizer states, KL
     coefficient, iteration), metrics.jsonl and TensorBoard events, samples.jsonl, export/.
@@ -372,6 +375,11 @@ def train(cfg: PPORunConfig, log: Callable[[str], None] = print,
                                                   "update_norm": metrics["ppo/update_norm"]},
                                       {"data_position": it}):
                     return {"preempted": True, "exit_code": run.exit_code()}
+                if on_iteration is not None:
+                    texts = _sample_rows(tokenizer, train_prompts, rows, rollout, scores,
+                                         len(rows))
+                    metrics.update(on_iteration(it, [t["prompt"] for t in texts],
+                                                [t["response"] for t in texts]))
                 bar.update(1)
                 bar.set_postfix(_postfix(metrics))
                 if it % cfg.log_every == 0 or it == cfg.iterations:

@@ -410,7 +410,7 @@ def _prefixed(metrics: dict, prefix: str) -> dict[str, float]:
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
 
 
-def train(cfg: RMConfig, log: Callable[[str], None] = print) -> dict:
+def train(cfg: RMConfig, log: Callable[[str], None] = print, progress_desc: str = "rm") -> dict:
     """Trains (or resumes) a reward model as `cfg` says; returns the final held-out metrics.
 
     Writes to cfg.out_dir: config.yaml, checkpoints/ (state and data position, resumed from
@@ -447,7 +447,8 @@ def train(cfg: RMConfig, log: Callable[[str], None] = print) -> dict:
         start, state, _ = run.resume(state)
         logger = MetricsLogger(cfg.out_dir, resume_step=start or None,
                                enabled=jax.process_index() == 0)
-        with run.preemptible(), tqdm(total=total, initial=start, desc="rm", unit="step") as bar:
+        with run.preemptible(), tqdm(total=total, initial=start, desc=progress_desc,
+                                          unit="step") as bar:
             for step in range(start + 1, total + 1):
                 tick = time.perf_counter()
                 batch = train_data.batch(step - 1)

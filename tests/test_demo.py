@@ -17,22 +17,37 @@ def test_gold_judge_prefers_positive_finished_reviews():
     assert world.gold_reward("review of x:", good) > world.gold_reward("review of x:", unfinished)
 
 
-def test_demo_cli_runs_end_to_end(tmp_path):
+def test_demo_cli_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "XLA_FLAGS": ""}
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf_jax.cli", "demo", "--out", str(out),
-         "pretrain_steps=20", "pretrain_docs=300", "num_samples=3", "max_new_tokens=8"],
-        capture_output=True, text=True, timeout=300, env=env,
+         "pretrain_steps=20", "pretrain_docs=300", "sft_examples=100", "sft_steps=5",
+         "preference_prompts=96", "rm_epochs=1", "ppo_iterations=2", "ppo_batch_size=8",
+         "eval_prompts=8", "num_samples=3", "max_new_tokens=8"],
+        capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "report:" in proc.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert all(math.isfinite(summary[k]) for k in ("pretrain_loss_first", "pretrain_loss_last",
-                                                    "gold_reward_mean"))
-    assert summary["pretrain_loss_last"] < summary["pretrain_loss_first"]
-    assert len(summary["samples"]) == 3
-    assert (out / "report.md").exists() and (out / "base_model" / "config.json").exists()
+    s = json.loads((out / "summary.json").read_text())
+    numbers = [s["pretrain_loss_first"], s["pretrain_loss_last"], s["sft_loss_first"],
+               s["sft_loss_last"], s["reward_model"]["accuracy_vs_labels"], s["ppo_last_kl"],
+               s["ppo_held_out_kl"], s["sft_gold_mean"], s["ppo_gold_mean"], s["sft_rm_mean"],
+               s["ppo_rm_mean"], s["ppo_win_rate_vs_sft"]]
+    assert all(math.isfinite(x) for x in numbers), numbers
+    assert s["pretrain_loss_last"] < s["pretrain_loss_first"]
+    rmv = s["reward_model"]  # a barely trained policy may write only pairs the judge ties
+    assert rmv["accuracy_vs_gold"] is None or 0 <= rmv["accuracy_vs_gold"] <= 1
+    assert (rmv["accuracy_vs_gold"] is None) == (rmv["gold_ties_left_out"] == rmv["held_out_pairs"])
+    assert s["preferences"]["pairs"] > 32 and 0 <= s["ppo_win_rate_vs_sft"] <= 1
+    assert len(s["samples"]) == 3
+    report = (out / "report.md").read_text()
+    assert "gold reward" in report and "win" in report
+    for path in ("plots/reward_model.png", "plots/ppo.png", "data/preferences.jsonl",
+                 "data/prompts.jsonl", "models/sft/config.json", "models/reward/config.json",
+                 "models/ppo/config.json"):
+        assert (out / path).exists(), path
+    row = json.loads((out / "data" / "preferences.jsonl").read_text().splitlines()[0])
+    assert set(row) == {"prompt", "chosen", "rejected"}
 
 
 def test_demo_rejects_unknown_option(tmp_path):

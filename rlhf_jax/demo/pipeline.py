@@ -1,9 +1,18 @@
-"""`rlhf-jax demo`: the RLHF pipeline on the built-in movie-review world, on a laptop CPU.
+"""`rlhf-jax demo`: the whole RLHF pipeline on the built-in movie-review world, on a laptop CPU.
 
-Stages (each with a progress bar; everything offline, from data generated here):
-  1. a byte-level BPE tokenizer and a tiny base language model pretrained on the corpus;
-  2. sampling from it, written to the report.
-Later stages (SFT, preference collection, reward model, PPO, evaluation) plug in here.
+Everything is offline, made here from `world.py`:
+  1. a byte-level BPE tokenizer and a tiny GPT-2-shaped base model pretrained on the corpus;
+  2. SFT on demonstrations (loss on the completion only);
+  3. preference collection: the SFT model writes two reviews per prompt and the hidden gold
+     judge labels each pair with Bradley-Terry noise, like people would; written to
+     data/preferences.jsonl in the explicit prompt/chosen/rejected format;
+  4. reward model training (`rlhf_jax.rm`) from the SFT model, with held-out accuracy;
+  5. PPO (`rlhf_jax.ppo_loop`) against the learned reward model;
+  6. evaluation on held-out prompts: gold and RM rewards of the SFT and PPO policies, KL of
+     PPO to the SFT reference, PPO's win rate over SFT judged by gold, samples before/after.
+The report (report.md, plots/*.png, summary.json) goes to the output directory; the models
+go to models/{base,sft,reward,ppo} in Hugging Face format, so `configs/ppo_tiny.yaml` and
+`rlhf-jax generate` can use them afterwards.
 """
 
 from __future__ import annotations
@@ -14,14 +23,20 @@ import functools
 import json
 import os
 import time
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from rlhf_jax import models, optim, sft
+from rlhf_jax import models, optim, ppo, rm, sft
+from rlhf_jax.checkpoint import CheckpointConfig
+from rlhf_jax.config import ConfigError, check
+from rlhf_jax.data import DataConfig
+from rlhf_jax.data.prompts import PromptDataConfig
 from rlhf_jax.demo import world
+from rlhf_jax.generate import SamplingConfig, make_generate_fn, pad_prompts
+from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.tiny import tiny_config, train_tokenizer
 
 
@@ -30,132 +45,461 @@ class DemoConfig:
     """Sizes of the demo; the defaults finish in minutes on 2 CPU cores.
 
     Attributes:
-      seed: seed of every random choice (data, init, sampling).
+      seed: seed of every random choice (data, init, sampling, labels).
       vocab_size: BPE vocabulary size.
-      hidden_size / num_layers: the tiny GPT-2-shaped model.
+      hidden_size: width of the tiny GPT-2-shaped models.
+      num_layers: their depth.
+      batch_size: sequences per pretraining / SFT step.
+      seq_len: tokens per pretraining / SFT sequence (longer ones are cut).
       pretrain_docs: corpus documents for pretraining.
       pretrain_steps: optimizer steps of pretraining.
-      batch_size: sequences per step.
-      seq_len: tokens per training sequence (longer documents are cut).
-      learning_rate: peak learning rate of pretraining.
-      num_samples: reviews sampled at the end.
-      max_new_tokens: length limit of a sampled review.
+      learning_rate: peak learning rate of pretraining and SFT.
+      sft_examples: demonstrations for SFT.
+      sft_steps: optimizer steps of SFT.
+      preference_prompts: prompts the SFT model answers twice for preference labels.
+      label_temperature: noise of the gold labellers: P(a ≻ b) = σ((g(a) − g(b)) / T).
+      rm_epochs: passes of reward-model training over the pairs.
+      rm_learning_rate: its peak learning rate.
+      ppo_iterations: PPO iterations.
+      ppo_batch_size: prompts per PPO iteration.
+      ppo_learning_rate: learning rate of policy and critic.
+      kl_coef: β of the KL penalty to the SFT reference (adaptive toward target_kl).
+      target_kl: KL per response the adaptive controller aims at.
+      max_new_tokens: longest response.
+      eval_prompts: held-out prompts of the final evaluation.
+      num_samples: sample rows shown in the report.
     """
 
     seed: int = 0
     vocab_size: int = 384
     hidden_size: int = 64
     num_layers: int = 2
-    pretrain_docs: int = 4000
-    pretrain_steps: int = 300
     batch_size: int = 32
     seq_len: int = 48
+    pretrain_docs: int = 4000
+    pretrain_steps: int = 300
     learning_rate: float = 3e-3
+    sft_examples: int = 2000
+    sft_steps: int = 100
+    preference_prompts: int = 1024
+    label_temperature: float = 0.5
+    rm_epochs: int = 2
+    rm_learning_rate: float = 1e-3
+    ppo_iterations: int = 40
+    ppo_batch_size: int = 32
+    ppo_learning_rate: float = 5e-4
+    kl_coef: float = 0.05
+    target_kl: float = 4.0
+    max_new_tokens: int = 32
+    eval_prompts: int = 128
     num_samples: int = 8
-    max_new_tokens: int = 40
+
+    def __post_init__(self):
+        for name in ("pretrain_steps", "sft_steps", "rm_epochs", "ppo_iterations", "batch_size",
+                     "ppo_batch_size", "max_new_tokens", "eval_prompts", "num_samples"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "1 or more")
+        check(self.preference_prompts >= 20, "preference_prompts", self.preference_prompts,
+              "20 or more (a tenth is held out to measure the reward model)")
+        check(self.ppo_batch_size % 2 == 0, "ppo_batch_size", self.ppo_batch_size,
+              "an even number (two PPO minibatches)")
+        check(self.label_temperature > 0, "label_temperature", self.label_temperature,
+              "a positive number")
+
+
+CONFIG_CLASS = DemoConfig
+PROMPT_WIDTH = 16  # prompt bucket: every demo prompt is shorter
+
+
+# ----------------------------------------------------------------------------- language modelling
 
 
 def encode_documents(tokenizer, texts: list[str], seq_len: int) -> dict[str, np.ndarray]:
-    """Right-padded [N, seq_len] ids with BOS, attention and loss masks."""
-    ids = np.full((len(texts), seq_len), tokenizer.pad_token_id, np.int32)
-    for i, text in enumerate(texts):
-        row = [tokenizer.bos_token_id] + tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        row = row[:seq_len]
-        ids[i, : len(row)] = row
-    mask = (ids != tokenizer.pad_token_id).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
+    """Pretraining rows: right-padded [N, seq_len] `[BOS] text [EOS]`, loss on every token."""
+    return encode_completions(tokenizer, [""] * len(texts), texts, seq_len)
 
 
-def pretrain(cfg: DemoConfig, model, params, data: dict, rng: np.random.Generator):
-    """Plain next-token training with the SFT step (loss on every real token)."""
-    tx = optim.make_optimizer(
-        optim.OptimizerConfig(learning_rate=cfg.learning_rate, schedule="cosine",
-                              warmup_steps=cfg.pretrain_steps // 10, b2=0.99),
-        cfg.pretrain_steps,
-    )
+def encode_completions(tokenizer, prompts: list[str], completions: list[str],
+                       seq_len: int) -> dict[str, np.ndarray]:
+    """SFT rows `[BOS] prompt completion [EOS]` (prompt and completion tokenised apart, as
+    the preference and prompt data are); the loss covers the completion and EOS."""
+    pad, bos, eos = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids = np.full((len(prompts), seq_len), pad, np.int32)
+    loss = np.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        head = [bos] + (tokenizer(p, add_special_tokens=False)["input_ids"] if p else [])
+        tail = tokenizer(c, add_special_tokens=False)["input_ids"] + [eos]
+        row = (head + tail)[:seq_len]
+        ids[i, :len(row)] = row
+        loss[i, len(head):len(row)] = 1
+    mask = (ids != pad).astype(np.int32)  # pad is a special token no text encodes to
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss * mask}
+
+
+def fit(model, params, data: dict, steps: int, lr: float, batch_size: int,
+        rng: np.random.Generator, desc: str) -> tuple[dict, list[float]]:
+    """`steps` of the SFT step on random batches of `data`; (params, loss per step)."""
+    tx = optim.make_optimizer(OptimizerConfig(learning_rate=lr, schedule="cosine",
+                                              warmup_steps=steps // 10, b2=0.99), steps)
     state = optim.create_state(params, tx)
     step = jax.jit(functools.partial(sft.train_step, model=model, tx=tx), donate_argnums=0)
-    n = len(data["input_ids"])
-    losses = []
-    with tqdm(range(cfg.pretrain_steps), desc="1/2 pretrain base LM", unit="step") as bar:
+    n, losses = len(data["input_ids"]), []
+    with tqdm(range(steps), desc=desc, unit="step") as bar:
         for _ in bar:
-            idx = rng.integers(0, n, cfg.batch_size)
+            idx = rng.integers(0, n, batch_size)
             state, metrics = step(state, {k: v[idx] for k, v in data.items()})
-            loss = float(metrics["loss"])
-            losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.3f}")
-    return state.params, losses
+            losses.append(float(metrics["loss"]))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return jax.device_get(state.params), losses
 
 
-def sample(model, params, tokenizer, prompts: list[str], max_new_tokens: int, seed: int):
-    """Temperature-1 sampling with the KV cache (one jit-compiled step, a host loop)."""
-    enc = [[tokenizer.bos_token_id] + tokenizer(p)["input_ids"] for p in prompts]
-    width = max(map(len, enc))
-    ids = np.full((len(enc), width), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros_like(ids)
-    for i, row in enumerate(enc):  # left padding
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
-    cache = models.init_cache(model.cfg, len(enc), width + max_new_tokens)
-    step = jax.jit(lambda c, i, m: model.apply({"params": params}, i, m, cache=c))
-    logits, cache = step(cache, jnp.asarray(ids), jnp.asarray(mask))
-    key = jax.random.PRNGKey(seed)
-    done = np.zeros(len(enc), bool)
-    out = [[] for _ in enc]
-    for t in tqdm(range(max_new_tokens), desc="2/2 sample", unit="tok"):
-        token = np.asarray(jax.random.categorical(jax.random.fold_in(key, t), logits[:, -1]))
-        for i in np.flatnonzero(~done):
-            out[i].append(int(token[i]))
-        done |= token == tokenizer.eos_token_id
-        if done.all():
-            break
-        live = (~done).astype(np.int32)[:, None]
-        logits, cache = step(cache, jnp.asarray(token[:, None].astype(np.int32)), jnp.asarray(live))
-    return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
+# ----------------------------------------------------------------------------- sampling
 
 
-def run(cfg: DemoConfig, out_dir: str) -> dict:
-    os.makedirs(out_dir, exist_ok=True)
-    rng = np.random.default_rng(cfg.seed)
+class Sampler:
+    """Temperature-1 sampling of reviews with the rollout engine (compiled once per model)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int = 64):
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.fn = make_generate_fn(model, SamplingConfig(max_new_tokens=max_new_tokens,
+                                                         prompt_bucket=PROMPT_WIDTH),
+                                   eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
+
+    def __call__(self, params, prompts: list[str], seed: int) -> list[str]:
+        tok = self.tokenizer
+        rows = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        out: list[str] = []
+        for n, lo in enumerate(range(0, len(rows), self.batch_size)):
+            chunk = rows[lo:lo + self.batch_size]
+            ids, mask = pad_prompts(chunk, PROMPT_WIDTH, tok.pad_token_id, self.batch_size)
+            ro = jax.device_get(self.fn(params, ids, mask, jax.random.key(seed * 7919 + n)))
+            out += [tok.decode(ro.tokens[i, :ro.lengths[i]], skip_special_tokens=True)
+                    for i in range(len(chunk))]
+        return out
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def collect_preferences(sampler: Sampler, params, prompts: list[str], cfg: DemoConfig,
+                        rng: np.random.Generator, path: str) -> dict:
+    """Two SFT responses per prompt, labelled by the noisy gold judge; written as jsonl.
+
+    Pairs of identical responses are skipped (nothing to compare). Returns counts and how
+    often the noisy label agrees with the gold judge's own ordering.
+    """
+    a = sampler(params, prompts, seed=cfg.seed + 1)
+    b = sampler(params, prompts, seed=cfg.seed + 2)
+    rows, agree, strict = [], 0, 0
+    for p, x, y in tqdm(list(zip(prompts, a, b)), desc="3/6 label preferences", unit="pair"):
+        if x.strip() == y.strip() or not x.strip() or not y.strip():
+            continue
+        first, prob = world.gold_preference(rng, p, x, y, cfg.label_temperature)
+        chosen, rejected = (x, y) if first else (y, x)
+        diff = world.gold_reward(p, chosen) - world.gold_reward(p, rejected)
+        if diff != 0:
+            strict += 1
+            agree += diff > 0
+        rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return {"pairs": len(rows), "label_agreement_with_gold": agree / max(strict, 1)}
+
+
+def rm_accuracy_against_gold(model_dir: str, pairs: list[dict], tokenizer) -> dict:
+    """The trained RM's accuracy on held-out pairs against the gold judge's ordering (ties
+    left out) and against the noisy labels."""
+    model, params = models.load_hf(model_dir)
+    score = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m))
+    bos = tokenizer.bos_token_id
+
+    def scores(texts_prompt, texts_resp):
+        rows = [[bos] + tokenizer(p, add_special_tokens=False)["input_ids"]
+                + tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                for p, r in zip(texts_prompt, texts_resp)]
+        width = max(map(len, rows))
+        ids = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        return np.asarray(score(params, ids, mask))
+
+    prompts = [r["prompt"] for r in pairs]
+    sc = scores(prompts, [r["chosen"] for r in pairs])
+    sr = scores(prompts, [r["rejected"] for r in pairs])
+    gold = np.array([world.gold_reward(r["prompt"], r["chosen"])
+                     - world.gold_reward(r["prompt"], r["rejected"]) for r in pairs])
+    strict = gold != 0
+    right = (sc > sr)[strict] == (gold > 0)[strict]
+    return {"accuracy_vs_labels": float(np.mean(sc > sr)),
+            # undefined (None) when the judge ties every held-out pair
+            "accuracy_vs_gold": float(np.mean(right)) if strict.any() else None,
+            "held_out_pairs": int(len(pairs)), "gold_ties_left_out": int((~strict).sum())}
+
+
+def evaluate(sampler: Sampler, sft_params, ppo_params, prompts: list[str], seed: int,
+             rm_scorer: Callable) -> dict:
+    """Gold and RM rewards of both policies on the same prompts, and PPO's gold win rate."""
+    before = sampler(sft_params, prompts, seed)
+    after = sampler(ppo_params, prompts, seed)
+    g0 = np.array([world.gold_reward(p, r) for p, r in zip(prompts, before)])
+    g1 = np.array([world.gold_reward(p, r) for p, r in zip(prompts, after)])
+    wins = np.mean((g1 > g0) + 0.5 * (g1 == g0))
+    return {
+        "sft_gold_mean": float(g0.mean()), "sft_gold_std": float(g0.std()),
+        "ppo_gold_mean": float(g1.mean()), "ppo_gold_std": float(g1.std()),
+        "sft_rm_mean": float(np.mean(rm_scorer(prompts, before))),
+        "ppo_rm_mean": float(np.mean(rm_scorer(prompts, after))),
+        "ppo_win_rate_vs_sft": float(wins),
+        "samples": [{"prompt": p, "sft": b, "sft_gold": float(x), "ppo": a, "ppo_gold": float(y)}
+                    for p, b, x, a, y in zip(prompts, before, g0, after, g1)],
+    }
+
+
+def run(cfg: DemoConfig, out_dir: str, quiet_log: Callable[[str], None]) -> dict:
     start = time.time()
+    rng = np.random.default_rng(cfg.seed)
+    dirs = {k: os.path.join(out_dir, "models", k) for k in ("base", "sft", "reward", "ppo")}
+    data_dir = os.path.join(out_dir, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    times = {}
+
+    # 1. tokenizer + pretraining
+    t = time.time()
     docs = world.corpus(rng, cfg.pretrain_docs)
     tokenizer = train_tokenizer(docs, cfg.vocab_size, os.path.join(out_dir, "tokenizer"))
-    model_cfg = tiny_config("gpt2", vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+    vocab = -(-len(tokenizer) // 64) * 64
+    model_cfg = tiny_config("gpt2", vocab_size=vocab, hidden_size=cfg.hidden_size,
                             num_layers=cfg.num_layers, intermediate_size=4 * cfg.hidden_size,
                             max_position_embeddings=128)
     model, params = models.init_model(model_cfg, seed=cfg.seed)
-    params, losses = pretrain(cfg, model, params, encode_documents(tokenizer, docs, cfg.seq_len), rng)
-    models.save_hf(os.path.join(out_dir, "base_model"), model, params, tokenizer)
-    prompts = world.prompts(rng, cfg.num_samples)
-    responses = sample(model, params, tokenizer, prompts, cfg.max_new_tokens, cfg.seed)
-    gold = [world.gold_reward(p, r) for p, r in zip(prompts, responses)]
+    params, pre_losses = fit(model, params, encode_documents(tokenizer, docs, cfg.seq_len),
+                             cfg.pretrain_steps, cfg.learning_rate, cfg.batch_size, rng,
+                             "1/6 pretrain base LM")
+    models.save_hf(dirs["base"], model, params, tokenizer)
+    times["pretrain"] = time.time() - t
+
+    # 2. SFT
+    t = time.time()
+    demos = world.demonstrations(rng, cfg.sft_examples)
+    sft_data = encode_completions(tokenizer, [d["prompt"] for d in demos],
+                                  [d["completion"] for d in demos], cfg.seq_len)
+    params, sft_losses = fit(model, params, sft_data, cfg.sft_steps, cfg.learning_rate / 3,
+                             cfg.batch_size, rng, "2/6 SFT on demonstrations")
+    models.save_hf(dirs["sft"], model, params, tokenizer)
+    sft_params = params
+    times["sft"] = time.time() - t
+
+    # 3. preferences (and the prompt sets of PPO and evaluation)
+    t = time.time()
+    sampler = Sampler(model, tokenizer, cfg.max_new_tokens)
+    pref_prompts = world.prompts(rng, cfg.preference_prompts)
+    prefs = collect_preferences(sampler, sft_params, pref_prompts, cfg, rng,
+                                os.path.join(data_dir, "preferences.jsonl"))
+    with open(os.path.join(data_dir, "prompts.jsonl"), "w", encoding="utf-8") as f:
+        for p in world.prompts(rng, 512):
+            f.write(json.dumps({"prompt": p}) + "\n")
+    eval_prompts = world.prompts(np.random.default_rng(cfg.seed + 99), cfg.eval_prompts)
+    times["preferences"] = time.time() - t
+
+    # 4. reward model, from the SFT model, through the rm trainer
+    t = time.time()
+    rm_cfg = rm.RMConfig(
+        out_dir=os.path.join(out_dir, "runs", "rm"), seed=cfg.seed,
+        model=rm.ModelConfig(path=dirs["sft"]),
+        data=DataConfig(train=os.path.join(data_dir, "preferences.jsonl"), eval_fraction=0.1,
+                        max_length=cfg.seq_len + PROMPT_WIDTH, on_bad_row="drop"),
+        optim=OptimizerConfig(learning_rate=cfg.rm_learning_rate, schedule="cosine",
+                              warmup_steps=10),
+        batch_size=32, epochs=cfg.rm_epochs, log_every=5, normalise_after_training=True,
+        checkpoint=CheckpointConfig(every=0, resume=False),
+    )
+    rm_result = rm.train(rm_cfg, log=quiet_log, progress_desc="4/6 reward model")
+    _move(rm_result["export"], dirs["reward"])
+    held = _held_out_pairs(rm_cfg, data_dir)
+    rm_eval = rm_accuracy_against_gold(dirs["reward"], held, tokenizer)
+    rm_eval["accuracy_trainer_eval"] = rm_result["eval"].get("accuracy")
+    times["reward_model"] = time.time() - t
+
+    # 5. PPO through the ppo trainer, with the gold judge watching each batch
+    t = time.time()
+    from rlhf_jax import ppo_loop
+
+    ppo_cfg = ppo_loop.PPORunConfig(
+        out_dir=os.path.join(out_dir, "runs", "ppo"), seed=cfg.seed, policy=dirs["sft"],
+        reward_model=dirs["reward"],
+        prompts=PromptDataConfig(train=os.path.join(data_dir, "prompts.jsonl"),
+                                 eval_fraction=0.1, max_prompt_length=PROMPT_WIDTH),
+        sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, prompt_bucket=PROMPT_WIDTH),
+        ppo=ppo.PPOConfig(ppo_epochs=4, num_minibatches=2, kl_coef=cfg.kl_coef,
+                          kl_control="adaptive", target_kl=cfg.target_kl, kl_horizon=2000,
+                          vf_coef=0.5, missing_eos_penalty=1.0),
+        optim=OptimizerConfig(learning_rate=cfg.ppo_learning_rate),
+        batch_size=cfg.ppo_batch_size, iterations=cfg.ppo_iterations, sample_every=0,
+        checkpoint=CheckpointConfig(every=0, resume=False), export=True,
+    )
+
+    def gold_of_batch(_, prompts, responses):
+        return {"env/gold": float(np.mean([world.gold_reward(p, r)
+                                           for p, r in zip(prompts, responses)]))}
+
+    ppo_result = ppo_loop.train(ppo_cfg, log=quiet_log, progress_desc="5/6 PPO",
+                                on_iteration=gold_of_batch)
+    _move(ppo_result["export"], dirs["ppo"])
+    times["ppo"] = time.time() - t
+
+    # 6. evaluation on held-out prompts
+    t = time.time()
+    _, ppo_params = models.load_hf(dirs["ppo"])
+    rm_model, rm_params = models.load_hf(dirs["reward"])
+    rm_fn = jax.jit(lambda p, i, m: rm_model.apply({"params": p}, i, m))
+
+    def rm_scorer(prompts, responses):
+        rows = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"]
+                + tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                for p, r in zip(prompts, responses)]
+        ids, mask = _right_pad(rows, tokenizer.pad_token_id, cfg.seq_len + PROMPT_WIDTH)
+        return np.asarray(rm_fn(rm_params, ids, mask))
+
+    with tqdm(total=1, desc="6/6 evaluate", unit="run") as bar:
+        ev = evaluate(sampler, sft_params, ppo_params, eval_prompts, cfg.seed + 7, rm_scorer)
+        bar.update(1)
+    times["evaluate"] = time.time() - t
+
     summary = {
-        "pretrain_loss_first": losses[0],
-        "pretrain_loss_last": float(np.mean(losses[-20:])),
-        "gold_reward_mean": float(np.mean(gold)),
-        "seconds": time.time() - start,
-        "samples": [{"prompt": p, "response": r, "gold": g} for p, r, g in zip(prompts, responses, gold)],
+        "pretrain_loss_first": pre_losses[0], "pretrain_loss_last": float(np.mean(pre_losses[-20:])),
+        "sft_loss_first": sft_losses[0], "sft_loss_last": float(np.mean(sft_losses[-10:])),
+        "preferences": prefs, "reward_model": rm_eval,
+        "ppo_last_kl": ppo_result["last"]["env/kl"],
+        "ppo_last_rm_score": ppo_result["last"]["env/score"],
+        "ppo_held_out_kl": ppo_result["eval"]["kl"],
+        **{k: v for k, v in ev.items() if k != "samples"},
+        "stage_seconds": times, "seconds": time.time() - start,
+        "samples": ev["samples"][:cfg.num_samples],
     }
     _write_report(out_dir, summary)
     return summary
 
 
-def _write_report(out_dir: str, summary: dict) -> None:
+def _move(src: str, dst: str) -> None:
+    """Moves a trainer's export to the demo's models/ folder (replacing an older one)."""
+    import shutil
+
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+
+
+def _right_pad(rows: list[list[int]], pad: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = [r[:limit] for r in rows]
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return ids, mask
+
+
+def _held_out_pairs(rm_cfg, data_dir: str) -> list[dict]:
+    """The pairs the reward-model trainer held out (the same seeded split it used)."""
+    from rlhf_jax.data import sources
+
+    ds = sources.load_rows(os.path.join(data_dir, "preferences.jsonl"))
+    _, held = sources.hold_out(ds, rm_cfg.data.eval_fraction, rm_cfg.seed)
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+            for r in held]
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _plots(out_dir: str) -> list[str]:
+    """PNG curves from the trainers' metrics: RM loss/accuracy, PPO scores and KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlhf_jax.logging import read_jsonl
+
+    plot_dir = os.path.join(out_dir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    written = []
+    rm_rows = read_jsonl(os.path.join(out_dir, "runs", "rm", "metrics.jsonl"))
+    train = [r for r in rm_rows if "train/accuracy" in r]
+    evals = [r for r in rm_rows if "eval/accuracy" in r]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train")
+    ax[0].plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="held-out")
+    ax[0].set(title="reward model loss", xlabel="step")
+    ax[1].plot([r["step"] for r in train], [r["train/accuracy"] for r in train], label="train")
+    ax[1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-",
+               label="held-out")
+    ax[1].set(title="reward model accuracy", xlabel="step")
+    for a in ax:
+        a.legend()
+    fig.tight_layout()
+    written.append(os.path.join(plot_dir, "reward_model.png"))
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    rows = [r for r in read_jsonl(os.path.join(out_dir, "runs", "ppo", "metrics.jsonl"))
+            if "env/score" in r]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    ax[0].plot(steps, [r["env/score"] for r in rows])
+    ax[0].set(title="PPO: reward-model score", xlabel="iteration")
+    ax[1].plot(steps, [r.get("env/gold", float("nan")) for r in rows], color="tab:green")
+    ax[1].set(title="PPO: gold reward (hidden judge)", xlabel="iteration")
+    ax[2].plot(steps, [r["env/kl"] for r in rows], color="tab:red")
+    ax[2].set(title="PPO: KL to the SFT reference", xlabel="iteration")
+    fig.tight_layout()
+    written.append(os.path.join(plot_dir, "ppo.png"))
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    return written
+
+
+def _num(x) -> str:
+    return "n/a (the judge ties every pair)" if x is None else f"{x:.3f}"
+
+
+def _write_report(out_dir: str, s: dict) -> None:
+    from rlhf_jax.logging import format_table
+
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(s, f, indent=2)
+    plots = _plots(out_dir)
+    rmv = s["reward_model"]
     lines = [
         "# rlhf_jax demo report", "",
-        f"- pretraining loss: {summary['pretrain_loss_first']:.3f} → {summary['pretrain_loss_last']:.3f}",
-        f"- gold reward of base-model samples: {summary['gold_reward_mean']:.3f}",
-        f"- wall time: {summary['seconds']:.0f} s", "",
-        "| prompt | response | gold |", "| --- | --- | --- |",
+        "| stage | result |", "|---|---|",
+        f"| pretraining | loss {s['pretrain_loss_first']:.3f} → {s['pretrain_loss_last']:.3f} |",
+        f"| SFT | loss {s['sft_loss_first']:.3f} → {s['sft_loss_last']:.3f} |",
+        f"| preferences | {s['preferences']['pairs']} pairs; noisy labels agree with the gold "
+        f"judge on {s['preferences']['label_agreement_with_gold']:.2f} of them |",
+        f"| reward model | held-out accuracy {_num(rmv['accuracy_vs_gold'])} against the gold "
+        f"judge, {rmv['accuracy_vs_labels']:.3f} against the noisy labels "
+        f"({rmv['held_out_pairs']} pairs) |",
+        f"| PPO | last iteration: RM score {s['ppo_last_rm_score']:.3f}, KL {s['ppo_last_kl']:.3f} |",
+        "", "## Held-out evaluation", "",
+        "| policy | gold reward (mean ± std over prompts) | RM score |", "|---|---|---|",
+        f"| SFT | {s['sft_gold_mean']:.3f} ± {s['sft_gold_std']:.3f} | {s['sft_rm_mean']:.3f} |",
+        f"| PPO | {s['ppo_gold_mean']:.3f} ± {s['ppo_gold_std']:.3f} | {s['ppo_rm_mean']:.3f} |",
+        "",
+        f"PPO wins against SFT on {s['ppo_win_rate_vs_sft']:.2f} of the prompts by the gold "
+        f"judge (ties count half), at a KL of {s['ppo_held_out_kl']:.3f} to the SFT reference "
+        "(per response, on held-out prompts).", "",
+        "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                                s["stage_seconds"].items())
+        + f"; total {s['seconds']:.0f}.", "",
+        *[f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots], "",
+        "## Samples (same prompt and seed, before and after PPO)", "",
+        format_table(s["samples"], ["prompt", "sft", "sft_gold", "ppo", "ppo_gold"], width=90),
     ]
-    lines += [f"| {s['prompt']} | {s['response'].strip()} | {s['gold']:.2f} |" for s in summary["samples"]]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-
-
-CONFIG_CLASS = DemoConfig
 
 
 def cli(argv: list[str]) -> int:
@@ -169,13 +513,24 @@ def cli(argv: list[str]) -> int:
 
     try:
         cfg = config.load(DemoConfig, args.config, args.overrides)
-    except config.ConfigError as e:
+    except ConfigError as e:
         print(f"rlhf-jax demo: {e}")
         return 2
-    summary = run(cfg, args.out)
-    print(f"\nreport: {os.path.join(args.out, 'report.md')}  "
-          f"(pretrain loss {summary['pretrain_loss_first']:.2f} → {summary['pretrain_loss_last']:.2f}, "
-          f"{summary['seconds']:.0f} s)")
-    for s in summary["samples"][:4]:
-        print(f"  {s['prompt']}{s['response'].rstrip()}")
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "demo.log")
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        def quiet_log(message: str) -> None:  # the trainers' messages go to demo.log
+            log_file.write(message + "\n")
+            log_file.flush()
+
+        s = run(cfg, args.out, quiet_log)
+    rmv = s["reward_model"]
+    print(f"\nreport: {os.path.join(args.out, 'report.md')}  ({s['seconds']:.0f} s; trainer "
+          f"logs in {log_path})")
+    print(f"  reward model held-out accuracy vs gold judge: {_num(rmv['accuracy_vs_gold'])}")
+    print(f"  gold reward  SFT {s['sft_gold_mean']:.3f} ± {s['sft_gold_std']:.3f}  →  "
+          f"PPO {s['ppo_gold_mean']:.3f} ± {s['ppo_gold_std']:.3f}  (win rate "
+          f"{s['ppo_win_rate_vs_sft']:.2f}, KL {s['ppo_held_out_kl']:.3f})")
+    for row in s["samples"][:3]:
+        print(f"  {row['prompt']}\n    SFT:{row['sft'].rstrip()}\n    PPO:{row['ppo'].rstrip()}")
     return 0
