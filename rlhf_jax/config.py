@@ -126,6 +126,10 @@ def _convert(tp, value, key: str):
     )
 
 
+# Keys other tools use to run code from a model or dataset repository: refused by name.
+CODE_LOADING_KEYS = frozenset({"trust_remote_code", "allow_remote_code", "code_revision",
+                               "auto_map", "use_pickle", "allow_pickle"})
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -138,6 +142,10 @@ def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
     for name in data:
         if name not in fields:
             key = _join(prefix, str(name))
+            if str(name) in CODE_LOADING_KEYS:
+                raise ConfigError(key, f"config key '{key}' asks to run code shipped with a model "
+                                       "or dataset; rlhf_jax never does (models load from "
+                                       "safetensors with built-in architectures only): remove it")
             close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
             if close:
                 hint = f"did you mean '{_join(prefix, close[0])}'?"

@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -117,19 +116,40 @@ def greedy_token(logits: jax.Array, key: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
+_CDF_BLOCK = 64  # tokens per block of the two-level CDF in `sampled_token`
+
+
 def sampled_token(logits: jax.Array, key: jax.Array, logp: Optional[jax.Array] = None):
     """A draw from softmax(logits) per row, by inverting its CDF at one uniform per row.
 
     Exact, like the Gumbel-max trick of `jax.random.categorical`, but it needs B random
-    numbers instead of B·V: 5× faster for a 8k vocabulary on CPU. Tokens at -inf (filtered)
-    have an empty CDF step and are never drawn. `logp` may pass log_softmax(logits).
+    numbers instead of B·V. The CDF is inverted in two levels: the vocabulary is split into
+    blocks of `_CDF_BLOCK` tokens, a cumulative sum over the block masses finds the block the
+    draw falls in, and a cumulative sum inside that block finds the token. A prefix sum over
+    the whole vocabulary costs ~4× more on CPU (it dominated the sampling step). Tokens at
+    -inf (filtered) have probability 0 and are never drawn. `logp` may pass
+    log_softmax(logits).
     """
     if logp is None:
         logp = jax.nn.log_softmax(logits, axis=-1)
-    cdf = jnp.cumsum(jnp.exp(logp), axis=-1)  # [B, V]
-    u = 1.0 - jax.random.uniform(key, (logits.shape[0], 1), cdf.dtype)  # (0, 1]
-    token = jnp.sum(cdf < u * cdf[:, -1:], axis=-1)
-    return jnp.minimum(token, logits.shape[-1] - 1).astype(jnp.int32)
+    b, v = logits.shape
+    n = -(-v // _CDF_BLOCK)
+    probs = jnp.pad(jnp.exp(logp), ((0, 0), (0, n * _CDF_BLOCK - v))).reshape(b, n, _CDF_BLOCK)
+    block_cdf = jnp.cumsum(jnp.sum(probs, axis=-1), axis=-1)  # [B, n]
+    u = 1.0 - jax.random.uniform(key, (b, 1), probs.dtype)  # (0, 1]
+    target = u * block_cdf[:, -1:]  # [B, 1], at most the total mass
+    # The first block whose cumulative mass reaches the target (it has mass > 0).
+    block = jnp.minimum(jnp.sum(block_cdf < target, axis=-1), n - 1)  # [B]
+    before = jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[:, None], axis=1)[:, 0]
+    before = jnp.where(block > 0, before, 0.0)  # mass of the earlier blocks, < target
+    inner = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [B, _CDF_BLOCK]
+    cdf = before[:, None] + jnp.cumsum(inner, axis=-1)
+    possible = inner > 0
+    hit = (cdf >= target) & possible  # the first hit is the token
+    # Rounding can leave the block without a hit: then its last possible token.
+    last = _CDF_BLOCK - 1 - jnp.argmax(possible[:, ::-1], axis=-1)
+    pos = jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)
+    return jnp.minimum(block * _CDF_BLOCK + pos, v - 1).astype(jnp.int32)
 
 
 def pick_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig):

@@ -24,7 +24,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import flax.struct
 import jax
@@ -45,11 +45,10 @@ from rlhf_jax.advantages import (
 )
 from rlhf_jax.checkpoint import CheckpointConfig
 from rlhf_jax.config import ConfigError, check
-from rlhf_jax.data.formats import DataError
 from rlhf_jax.data.prompts import PromptDataConfig, Prompts, load_prompts
 from rlhf_jax.generate import Rollout, SamplingConfig, make_generate_fn, pad_prompts
 from rlhf_jax.optim import OptimizerConfig
-from rlhf_jax.runner import GuardConfig, NonFiniteError, Runner, fail
+from rlhf_jax.runner import GuardConfig, Runner, run_command
 
 # ----------------------------------------------------------------------------- config
 
@@ -421,28 +420,18 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="override config keys, e.g. ppo.kl_coef=0.1 iterations=20")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_lib.load(PPORunConfig, args.config, args.overrides)
-        shd.resolve_mesh_shape(cfg.mesh, jax.device_count())
-    except ConfigError as e:
-        return fail(f"rlhf-jax ppo: {e}")
-    except ValueError as e:  # the mesh does not fit the devices
-        return fail(f"rlhf-jax ppo: config key 'mesh': {e}")
     from tqdm import tqdm
 
-    try:
+    def body() -> int:
+        cfg = config_lib.load(PPORunConfig, args.config, args.overrides)
+        shd.check_mesh(cfg.mesh)
         result = train(cfg, log=tqdm.write)
-    except ConfigError as e:
-        return fail(f"rlhf-jax ppo: {e}")
-    except (DataError, FileNotFoundError) as e:
-        return fail(f"rlhf-jax ppo: {e}", 1)
-    except NonFiniteError as e:
-        return fail(f"rlhf-jax ppo: {e}", 3)
-    if result.get("preempted"):
-        return result["exit_code"]
-    last = result["last"]
-    print(f"after {result['iterations']} iterations: RM score {last['env/score']:.4f}, "
-          f"KL {last['env/kl']:.4f}"
-          + (f"; held-out RM score {result['eval']['score']:.4f}, KL {result['eval']['kl']:.4f}"
-             if result["eval"] else ""))
-    return 0
+        if result.get("preempted"):
+            return result["exit_code"]
+        last, ev = result["last"], result["eval"]
+        print(f"after {result['iterations']} iterations: RM score {last['env/score']:.4f}, "
+              f"KL {last['env/kl']:.4f}"
+              + (f"; held-out RM score {ev['score']:.4f}, KL {ev['kl']:.4f}" if ev else ""))
+        return 0
+
+    return run_command("rlhf-jax ppo", body)

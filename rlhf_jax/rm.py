@@ -31,62 +31,21 @@ from rlhf_jax import losses, models, optim
 from rlhf_jax import sharding as shd
 from rlhf_jax.checkpoint import CheckpointConfig
 from rlhf_jax.config import ConfigError, check
-from rlhf_jax.data import DataConfig, DataError, PreferenceData, load_preferences, synthetic
-from rlhf_jax.models.config import Family, TransformerConfig
+from rlhf_jax.data import DataConfig, PreferenceData, load_preferences, synthetic
 from rlhf_jax.optim import OptimizerConfig
-from rlhf_jax.runner import GuardConfig, NonFiniteError, Runner, fail
+from rlhf_jax.runner import GuardConfig, Runner, run_command
+from rlhf_jax.trainer import (
+    ArchConfig,
+    ModelConfig,
+    Throughput,
+    create_state,
+    load_model,
+    load_tokenizer,
+    matmul_ceiling,
+    prefixed,
+)
 
 # ----------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass(frozen=True)
-class ArchConfig:
-    """A fresh transformer for from-scratch runs; vocabulary and special ids come from the
-    tokenizer.
-
-    Attributes:
-      family: gpt2, llama or qwen2 (names and layout of the export).
-      hidden_size: model width.
-      num_layers: decoder blocks.
-      num_heads: attention heads.
-      num_kv_heads: key/value heads (none = num_heads).
-      intermediate_size: MLP width.
-      max_position_embeddings: longest sequence the model accepts.
-    """
-
-    family: Family = Family.GPT2
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: Optional[int] = None
-    intermediate_size: int = 128
-    max_position_embeddings: int = 512
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Where the reward model starts.
-
-    Attributes:
-      path: a Hugging Face model directory: a causal LM (a score head is added) or a
-        sequence-classification model with one label (ours or transformers').
-      init: or a fresh architecture, trained from scratch.
-      tokenizer: tokenizer directory; none = `path` (or the synthetic data's tokenizer).
-      dtype: compute dtype, float32 or bfloat16 (params stay float32).
-      remat: recompute each block in the backward pass (saves activation memory).
-    """
-
-    path: Optional[str] = None
-    init: Optional[ArchConfig] = None
-    tokenizer: Optional[str] = None
-    dtype: str = "float32"
-    remat: bool = False
-
-    def __post_init__(self):
-        check((self.path is None) != (self.init is None), "path", self.path,
-              "exactly one of model.path (a Hugging Face directory) and model.init (a fresh "
-              "architecture)")
-        check(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "float32 or bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,14 +214,6 @@ def reward_normalisation(
 # ----------------------------------------------------------------------------- setup
 
 
-def load_tokenizer(cfg: RMConfig, synthetic_tokenizer: Optional[str]):
-    path = cfg.model.tokenizer or cfg.model.path or synthetic_tokenizer
-    if path is None:
-        raise ConfigError("model.tokenizer", "config key 'model.tokenizer' is required when the "
-                                             "model is trained from scratch on files")
-    return models.load_tokenizer(path)
-
-
 def resolve_data(cfg: RMConfig) -> tuple[DataConfig, Optional[str]]:
     """The data section with generated files filled in (data.synthetic), and their tokenizer."""
     if cfg.data.synthetic is None:
@@ -270,42 +221,6 @@ def resolve_data(cfg: RMConfig) -> tuple[DataConfig, Optional[str]]:
     paths = synthetic.generate(cfg.data.synthetic, os.path.join(cfg.out_dir, "synthetic"))
     data = dataclasses.replace(cfg.data, train=paths["train"], eval=paths["eval"] or cfg.data.eval)
     return data, paths["tokenizer"]
-
-
-def load_model(cfg: ModelConfig, tokenizer, mesh, seed: int):
-    """(RewardModel, params placed on `mesh`) from a Hugging Face directory or a fresh init."""
-    overrides = {"dtype": cfg.dtype, "remat": cfg.remat}
-    if cfg.path is not None:
-        return models.load_hf(cfg.path, head="reward", mesh=mesh, seed=seed, **overrides)
-    arch = cfg.init
-    vocab = -(-len(tokenizer) // 64) * 64  # rounded up: divisible by tensor-parallel sizes
-    family = Family(arch.family)
-    tcfg = TransformerConfig(
-        family=family,
-        vocab_size=vocab,
-        hidden_size=arch.hidden_size,
-        num_layers=arch.num_layers,
-        num_heads=arch.num_heads,
-        num_kv_heads=arch.num_kv_heads,
-        intermediate_size=arch.intermediate_size,
-        max_position_embeddings=arch.max_position_embeddings,
-        qkv_bias=family != Family.LLAMA,
-        tie_word_embeddings=family != Family.LLAMA,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **overrides,
-    )
-    return models.init_model(tcfg, "reward", seed=seed, mesh=mesh)
-
-
-def create_state(model, params, tx, mesh, rules=shd.DEFAULT_RULES):
-    """(train state, its shardings): optimizer moments sharded like the params they follow."""
-    abstract = jax.eval_shape(lambda p: optim.create_state(p, tx), models.abstract_params(model))
-    shardings = shd.shardings_for(abstract, mesh, rules)
-    with shd.use_mesh(mesh, rules):
-        state = jax.jit(lambda p: optim.create_state(p, tx), out_shardings=shardings)(params)
-    return state, shardings
 
 
 def batch_shardings(mesh) -> dict:
@@ -328,19 +243,6 @@ def compile_steps(cfg: RMConfig, model, tx, mesh, state_shardings) -> tuple[Call
         out_shardings=shd.replicated(mesh),
     )
     return train, evaluate
-
-
-def matmul_flops_per_s(n: int = 1024, reps: int = 5) -> float:
-    """The machine's measured float32 (bfloat16 on accelerators) matmul rate: the MFU ceiling."""
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(reps):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -371,45 +273,6 @@ def normalised(model, params, data: PreferenceData, mesh):
     return models.make_model(model.cfg, "reward", gain=gain, bias=bias)
 
 
-class Throughput:
-    """Pairs/s, tokens/s and MFU over a logging window; steps that compiled are left out."""
-
-    def __init__(self, model_cfg: TransformerConfig, ceiling_flops_per_s: float):
-        self.cfg, self.ceiling = model_cfg, ceiling_flops_per_s
-        self.shapes: set = set()
-        self.reset()
-
-    def reset(self) -> None:
-        self.seconds = self.pairs = self.tokens = self.flops = 0.0
-
-    def add(self, batch: dict, seconds: float) -> None:
-        b, _, t = batch["input_ids"].shape
-        if t not in self.shapes:  # the first step at this length compiled: not a throughput sample
-            self.shapes.add(t)
-            return
-        tokens = 2 * b * t  # what the device computes, padding included
-        # training FLOPs per token, less the LM head a reward model does not have
-        lm_head = 6 * self.cfg.vocab_size * self.cfg.hidden_size
-        per_token = models.flops_per_token(self.cfg, t, training=True) - lm_head
-        self.seconds += seconds
-        self.pairs += float(batch["weight"].sum())
-        self.tokens += tokens
-        self.flops += per_token * tokens
-
-    def metrics(self) -> dict[str, float]:
-        if not self.seconds:
-            return {}
-        out = {"perf/pairs_per_s": self.pairs / self.seconds,
-               "perf/tokens_per_s": self.tokens / self.seconds,
-               "perf/mfu": self.flops / self.seconds / self.ceiling}
-        self.reset()
-        return out
-
-
-def _prefixed(metrics: dict, prefix: str) -> dict[str, float]:
-    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
-
-
 def train(cfg: RMConfig, log: Callable[[str], None] = print, progress_desc: str = "rm") -> dict:
     """Trains (or resumes) a reward model as `cfg` says; returns the final held-out metrics.
 
@@ -422,14 +285,14 @@ def train(cfg: RMConfig, log: Callable[[str], None] = print, progress_desc: str 
 
     wall = time.perf_counter()
     data_cfg, synthetic_tokenizer = resolve_data(cfg)
-    tokenizer = load_tokenizer(cfg, synthetic_tokenizer)
+    tokenizer = load_tokenizer(cfg.model, synthetic_tokenizer)
     mesh = shd.make_mesh(cfg.mesh)
     train_data, held_out = load_preferences(data_cfg, tokenizer, cfg.batch_size, cfg.seed)
     for part in (train_data, held_out):
         if part is not None:
             log(part.summary)
     total = cfg.steps or sum(train_data.batches_per_epoch(e) for e in range(cfg.epochs))
-    model, params = load_model(cfg.model, tokenizer, mesh, cfg.seed)
+    model, params = load_model(cfg.model, tokenizer, mesh, cfg.seed, "reward")
     if len(tokenizer) > model.cfg.vocab_size:
         raise ConfigError("model.tokenizer",
                           f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
@@ -439,7 +302,7 @@ def train(cfg: RMConfig, log: Callable[[str], None] = print, progress_desc: str 
     state, shardings = create_state(model, params, tx, mesh)
     del params
     train_fn, eval_fn = compile_steps(cfg, model, tx, mesh, shardings)
-    perf = Throughput(model.cfg, matmul_flops_per_s())
+    perf = Throughput(model.cfg, matmul_ceiling(), lm_head=False)
     reference = held_out if held_out is not None else train_data
     result: dict = {}
     with Runner(cfg.out_dir, cfg.checkpoint, cfg.guard, config=cfg, log=log) as run, \
@@ -455,21 +318,23 @@ def train(cfg: RMConfig, log: Callable[[str], None] = print, progress_desc: str 
                 state, metrics = train_fn(state, shd.shard_batch(batch, mesh))
                 if not run.after_step(step, state, metrics, {"data_position": step}):
                     return {"preempted": True, "exit_code": run.exit_code()}
-                perf.add(batch, time.perf_counter() - tick)  # after_step synced on the loss
+                b, _, t = batch["input_ids"].shape
+                perf.add(t, time.perf_counter() - tick, 2 * b,
+                         {"pairs": batch["weight"].sum(), "tokens": batch["attention_mask"].sum()})  # after_step synced on the loss
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total:
                     host = jax.device_get(metrics)
                     bar.set_postfix(loss=f"{float(host['loss']):.3f}",
                                     acc=f"{float(host['accuracy']):.2f}")
-                    logger.log(step, {**_prefixed(host, "train"), "train/lr": float(lr(step - 1)),
+                    logger.log(step, {**prefixed(host, "train"), "train/lr": float(lr(step - 1)),
                                       **perf.metrics()})
                 if held_out is not None and cfg.eval_every and step % cfg.eval_every == 0 \
                         and step < total:  # the last step is evaluated below
                     held_out_metrics = evaluate(eval_fn, state.params, held_out, mesh)
-                    logger.log(step, _prefixed(held_out_metrics, "eval"))
+                    logger.log(step, prefixed(held_out_metrics, "eval"))
         if held_out is not None:
             result = evaluate(eval_fn, state.params, held_out, mesh)
-            logger.log(total, _prefixed(result, "eval"))
+            logger.log(total, prefixed(result, "eval"))
         if cfg.normalise_after_training:
             model = normalised(model, state.params, reference, mesh)
             log(f"reward normalisation: gain {model.gain:.4g}, bias {model.bias:.4g}")
@@ -492,27 +357,19 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="override config keys, e.g. optim.learning_rate=1e-4 steps=100")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_lib.load(RMConfig, args.config, args.overrides)
-        shd.resolve_mesh_shape(cfg.mesh, jax.device_count())
-    except ConfigError as e:
-        return fail(f"rlhf-jax rm: {e}")
-    except ValueError as e:  # the mesh does not fit the devices
-        return fail(f"rlhf-jax rm: config key 'mesh': {e}")
     from tqdm import tqdm
 
-    try:
+    def body() -> int:
+        cfg = config_lib.load(RMConfig, args.config, args.overrides)
+        shd.check_mesh(cfg.mesh)
         result = train(cfg, log=tqdm.write)
-    except ConfigError as e:
-        return fail(f"rlhf-jax rm: {e}")
-    except DataError as e:
-        return fail(f"rlhf-jax rm: data error: {e}", 1)
-    except NonFiniteError as e:
-        return fail(f"rlhf-jax rm: {e}", 3)
-    if result.get("preempted"):
-        return result["exit_code"]
-    if result["eval"]:
-        order = ["loss", "accuracy", "margin", "bt_loss"]
-        summary = ", ".join(f"{k} {result['eval'][k]:.4f}" for k in order if k in result["eval"])
-        print(f"held-out after {result['steps']} steps: {summary}")
-    return 0
+        if result.get("preempted"):
+            return result["exit_code"]
+        if result["eval"]:
+            order = ["loss", "accuracy", "margin", "bt_loss"]
+            summary = ", ".join(f"{k} {result['eval'][k]:.4f}" for k in order
+                                if k in result["eval"])
+            print(f"held-out after {result['steps']} steps: {summary}")
+        return 0
+
+    return run_command("rlhf-jax rm", body)

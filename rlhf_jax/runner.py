@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_like
+from rlhf_jax.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, abstract_like
 
 
 class OnNonFinite(str, enum.Enum):
@@ -163,5 +163,24 @@ class Runner:
 
 def fail(message: str, code: int = 2) -> int:
     """Prints a one-line error for the CLI and returns its exit code."""
-    print(message, file=sys.stderr)
+    print(" ".join(str(message).split()), file=sys.stderr)
     return code
+
+
+def run_command(prog: str, body: Callable[[], int]) -> int:
+    """Runs a command's body; bad input ends in one line on stderr and an exit code, not a
+    traceback: 2 for config mistakes, 1 for unusable data, model files or checkpoints, 3 for a
+    non-finite step. Anything else is a bug and keeps its traceback."""
+    from rlhf_jax.data.formats import DataError
+    from rlhf_jax.models.safetensors_io import ModelFileError
+
+    try:
+        return body()
+    except config_lib.ConfigError as e:
+        return fail(f"{prog}: {e}")
+    except DataError as e:
+        return fail(f"{prog}: data error: {e}", 1)
+    except (ModelFileError, FileNotFoundError, CheckpointError) as e:
+        return fail(f"{prog}: {e}", 1)
+    except NonFiniteError as e:
+        return fail(f"{prog}: {e}", 3)

@@ -1,21 +1,107 @@
-"""Supervised fine-tuning (and plain language-model pretraining): the pure step.
+"""Supervised fine-tuning (and plain language-model pretraining): the step and the loop.
 
 The loss is the mean negative log-likelihood of the tokens where `loss_mask` is 1 (the
 completion; every token for pretraining), predicted from the tokens before them:
 
     L = − Σ_{b,t} m[b,t+1] · log p(x[b,t+1] | x[b,≤t]) / Σ m[b,t+1]
+
+With packed rows (`segment_ids`), m[b,t+1] also needs t and t+1 in the same example, so no
+token is predicted from the example before it.
+
+    rlhf-jax sft --config configs/sft_tiny.yaml steps=200 out_dir=runs/sft
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
-from typing import Any
+import os
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from rlhf_jax import optim
+from rlhf_jax import config as config_lib
+from rlhf_jax import models, optim
+from rlhf_jax import sharding as shd
+from rlhf_jax.checkpoint import CheckpointConfig
+from rlhf_jax.config import ConfigError, check
+from rlhf_jax.data.sft import (
+    DemoDataConfig, SFTData, SFTDataConfig, generate_demonstrations, load_sft,
+)
+from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.trainer import (
+    ArchConfig,
+    ModelConfig,
+    Throughput,
+    create_state,
+    load_model,
+    load_tokenizer,
+    matmul_ceiling,
+    prefixed,
+)
+from rlhf_jax.runner import GuardConfig, Runner, run_command
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """A supervised fine-tuning (or pretraining) run.
+
+    Attributes:
+      out_dir: where checkpoints, metrics, the resolved config and the export go.
+      seed: seed of the initialisation, held-out split, packing and data order.
+      model: the starting model: a Hugging Face causal LM (model.path) or a fresh one
+        (model.init); see rlhf_jax.rm.ModelConfig.
+      data: demonstrations (see rlhf_jax.data.sft.SFTDataConfig).
+      optim: optimizer and learning-rate schedule.
+      mesh: device mesh (data, fsdp, tensor); -1 fills with the remaining devices.
+      batch_size: rows per optimizer step (global, over all hosts); a packed row holds
+        several examples.
+      grad_accum: microbatches per step (batch_size must divide by it).
+      steps: optimizer steps; 0 = `epochs` passes over the training rows.
+      epochs: passes over the data when steps is 0.
+      eval_every: evaluate on the held-out split every this many steps (0 = only at the end).
+      log_every: write training metrics every this many steps.
+      export: write a Hugging Face causal LM (+ tokenizer) to out_dir/export.
+      checkpoint: checkpoint schedule and resume.
+      guard: what to do on a non-finite loss or gradient.
+    """
+
+    out_dir: str = "runs/sft"
+    seed: int = 0
+    model: ModelConfig = ModelConfig(init=ArchConfig())
+    data: SFTDataConfig = SFTDataConfig(synthetic=DemoDataConfig())
+    optim: OptimizerConfig = OptimizerConfig()
+    mesh: tuple[int, int, int] = (1, -1, 1)
+    batch_size: int = 32
+    grad_accum: int = 1
+    steps: int = 0
+    epochs: int = 1
+    eval_every: int = 0
+    log_every: int = 10
+    export: bool = True
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    guard: GuardConfig = GuardConfig()
+
+    def __post_init__(self):
+        check(self.batch_size > 0, "batch_size", self.batch_size, "1 or more rows")
+        check(self.grad_accum > 0 and self.batch_size % self.grad_accum == 0, "grad_accum",
+              self.grad_accum, f"a positive divisor of batch_size={self.batch_size}")
+        check(self.steps >= 0, "steps", self.steps, "0 (use epochs) or more")
+        check(self.epochs > 0, "epochs", self.epochs, "1 or more")
+        check(self.eval_every >= 0, "eval_every", self.eval_every, "0 (end only) or more")
+        check(self.log_every > 0, "log_every", self.log_every, "1 or more")
+
+
+CONFIG_CLASS = SFTConfig
+
+# ----------------------------------------------------------------------------- step
 
 
 def token_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array):
@@ -37,10 +123,25 @@ def token_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array):
     return jnp.sum(nll * mask), jnp.sum(mask), jnp.sum(correct * mask)
 
 
+def same_segment_as_previous(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] int32: 1 where token t is in the same (real) example as token t − 1."""
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    return jnp.pad(same, ((0, 0), (1, 0))).astype(jnp.int32)
+
+
 def loss_fn(params: Any, batch: dict, model) -> tuple[jax.Array, tuple[jax.Array, dict]]:
-    """(nll_sum, (count, metric sums)) for `optim.accumulate_gradients`."""
-    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
-    nll, count, correct = token_nll(logits, batch["input_ids"], batch["loss_mask"])
+    """(nll_sum, (count, metric sums)) for `optim.accumulate_gradients`.
+
+    `batch` holds input_ids, attention_mask and loss_mask [B, T], and segment_ids [B, T]
+    when rows are packed.
+    """
+    loss_mask = batch["loss_mask"]
+    packed = {}
+    if "segment_ids" in batch:
+        packed = {"segment_ids": batch["segment_ids"]}
+        loss_mask = loss_mask * same_segment_as_previous(batch["segment_ids"])
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], **packed)
+    nll, count, correct = token_nll(logits, batch["input_ids"], loss_mask)
     return nll, (count, {"loss": nll, "accuracy": correct})
 
 
@@ -52,14 +153,170 @@ def train_step(
     tx: optax.GradientTransformation,
     grad_accum: int = 1,
 ) -> tuple[optim.TrainState, dict]:
-    """One SFT update on `batch` = {input_ids, attention_mask, loss_mask}, each [B, T].
+    """One SFT update on `batch` = {input_ids, attention_mask, loss_mask[, segment_ids]}.
 
     Close over `model`, `tx` and `grad_accum` with `functools.partial`, then jit with
-    `donate_argnums=0`.
+    `donate_argnums=0`. A non-finite update keeps the old params (the step still counts);
+    `finite` in the metrics says so.
+
+    Returns:
+      (new state, metrics): loss and accuracy (means over target tokens), grad_norm,
+      update_norm, tokens (target count) and finite.
     """
     grads, count, sums = optim.accumulate_gradients(
         functools.partial(loss_fn, model=model), state.params, batch, grad_accum
     )
     new_state, norms = optim.apply_gradients(state, grads, tx)
     finite = optim.all_finite(sums["loss"], norms["grad_norm"], norms["update_norm"])
+    new_state = optim.skip_if_not_finite(new_state, state, finite)
     return new_state, {**sums, **norms, "tokens": count, "finite": finite}
+
+
+def eval_step(params: Any, batch: dict, *, model) -> dict:
+    """Metric sums over one batch (divide by `tokens` after adding up all batches)."""
+    _, (count, sums) = loss_fn(params, batch, model)
+    return {**sums, "tokens": count}
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def resolve_data(cfg: SFTConfig) -> tuple[SFTDataConfig, Optional[str]]:
+    """The data section with generated files filled in (data.synthetic), and their tokenizer."""
+    if cfg.data.synthetic is None:
+        return cfg.data, None
+    paths = generate_demonstrations(cfg.data.synthetic, os.path.join(cfg.out_dir, "synthetic"))
+    data = dataclasses.replace(cfg.data, train=paths["train"], eval=paths["eval"] or cfg.data.eval)
+    return data, paths["tokenizer"]
+
+
+def compile_steps(cfg: SFTConfig, model, tx, mesh, state_shardings) -> tuple[Callable, Callable]:
+    """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
+    keys = ("input_ids", "attention_mask", "loss_mask") + (
+        ("segment_ids",) if cfg.data.packing else ())
+    batch_shardings = {k: shd.batch_sharding(mesh, 2) for k in keys}
+    train = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.grad_accum),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(state_shardings.params, batch_shardings),
+        out_shardings=shd.replicated(mesh),
+    )
+    return train, evaluate
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def evaluate(eval_fn: Callable, params, data: SFTData, mesh) -> dict[str, float]:
+    """Means over every held-out target token: loss, accuracy, and perplexity = exp(loss)."""
+    total: dict = {}
+    for batch in data.epoch_batches(0):
+        sums = eval_fn(params, shd.shard_batch(batch, mesh))
+        total = sums if not total else jax.tree_util.tree_map(jnp.add, total, sums)
+    host = jax.device_get(total)
+    tokens = max(float(host.pop("tokens")), 1.0)
+    out = {k: float(v) / tokens for k, v in host.items()}
+    return {**out, "perplexity": float(np.exp(min(out["loss"], 50.0)))}
+
+
+def train(cfg: SFTConfig, log: Callable[[str], None] = print, progress_desc: str = "sft") -> dict:
+    """Trains (or resumes) a causal LM on demonstrations as `cfg` says; returns the final
+    held-out metrics.
+
+    Writes to cfg.out_dir: config.yaml, checkpoints/ (state and data position, resumed from
+    when present), metrics.jsonl and TensorBoard events, and export/ (Hugging Face).
+    """
+    from tqdm import tqdm
+
+    from rlhf_jax.logging import MetricsLogger
+
+    wall = time.perf_counter()
+    data_cfg, synthetic_tokenizer = resolve_data(cfg)
+    tokenizer = load_tokenizer(cfg.model, synthetic_tokenizer)
+    mesh = shd.make_mesh(cfg.mesh)
+    train_data, held_out = load_sft(data_cfg, tokenizer, cfg.batch_size, cfg.seed)
+    for part in (train_data, held_out):
+        if part is not None:
+            log(part.summary)
+    total = cfg.steps or sum(train_data.batches_per_epoch(e) for e in range(cfg.epochs))
+    model, params = load_model(cfg.model, tokenizer, mesh, cfg.seed, "lm")
+    if len(tokenizer) > model.cfg.vocab_size:
+        raise ConfigError("model.tokenizer",
+                          f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                          f"only {model.cfg.vocab_size}; use the model's tokenizer")
+    tx = optim.make_optimizer(cfg.optim, total)
+    lr = optim.learning_rate_schedule(cfg.optim, total)
+    state, shardings = create_state(model, params, tx, mesh)
+    del params
+    train_fn, eval_fn = compile_steps(cfg, model, tx, mesh, shardings)
+    perf = Throughput(model.cfg, matmul_ceiling())
+    result: dict = {}
+    with Runner(cfg.out_dir, cfg.checkpoint, cfg.guard, config=cfg, log=log) as run, \
+            shd.use_mesh(mesh):
+        start, state, _ = run.resume(state)
+        logger = MetricsLogger(cfg.out_dir, resume_step=start or None,
+                               enabled=jax.process_index() == 0)
+        with run.preemptible(), tqdm(total=total, initial=start, desc=progress_desc,
+                                     unit="step") as bar:
+            for step in range(start + 1, total + 1):
+                tick = time.perf_counter()
+                batch = train_data.batch(step - 1)
+                state, metrics = train_fn(state, shd.shard_batch(batch, mesh))
+                if not run.after_step(step, state, metrics, {"data_position": step}):
+                    return {"preempted": True, "exit_code": run.exit_code()}
+                b, t = batch["input_ids"].shape
+                perf.add(t, time.perf_counter() - tick, b,
+                         {"tokens": batch["attention_mask"].sum(),
+                          "target_tokens": batch["loss_mask"].sum()})  # after_step synced on the loss
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total:
+                    host = jax.device_get(metrics)
+                    bar.set_postfix(loss=f"{float(host['loss']):.3f}")
+                    logger.log(step, {**prefixed(host, "train"), "train/lr": float(lr(step - 1)),
+                                      **perf.metrics()})
+                if held_out is not None and cfg.eval_every and step % cfg.eval_every == 0 \
+                        and step < total:  # the last step is evaluated below
+                    logger.log(step, prefixed(evaluate(eval_fn, state.params, held_out, mesh),
+                                               "eval"))
+        if held_out is not None:
+            result = evaluate(eval_fn, state.params, held_out, mesh)
+            logger.log(total, prefixed(result, "eval"))
+        run.finish(total, state, {"data_position": total})
+    export = os.path.join(cfg.out_dir, "export")
+    if cfg.export and jax.process_index() == 0:
+        models.save_hf(export, model, jax.device_get(state.params), tokenizer)
+        log(f"exported the model to {export}")
+    logger.close()
+    return {"eval": result, "steps": total, "export": export if cfg.export else None,
+            "wall_s": time.perf_counter() - wall}
+
+
+def cli(argv: list[str]) -> int:
+    """`rlhf-jax sft --config FILE key.sub=value ...`."""
+    parser = argparse.ArgumentParser(
+        prog="rlhf-jax sft",
+        description="Supervised fine-tuning of a causal LM on demonstrations (or pretraining).")
+    parser.add_argument("--config", help="YAML file of SFTConfig fields (configs/sft_tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override config keys, e.g. optim.learning_rate=1e-4 steps=100")
+    args = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    def body() -> int:
+        cfg = config_lib.load(SFTConfig, args.config, args.overrides)
+        shd.check_mesh(cfg.mesh)
+        result = train(cfg, log=tqdm.write)
+        if result.get("preempted"):
+            return result["exit_code"]
+        if result["eval"]:
+            order = ["loss", "perplexity", "accuracy"]
+            summary = ", ".join(f"{k} {result['eval'][k]:.4f}" for k in order)
+            print(f"held-out after {result['steps']} steps: {summary}")
+        return 0
+
+    return run_command("rlhf-jax sft", body)

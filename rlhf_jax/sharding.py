@@ -64,6 +64,16 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return shape
 
 
+def check_mesh(shape: Sequence[int], key: str = "mesh") -> tuple[int, ...]:
+    """`resolve_mesh_shape` for this process's devices, as a config error naming `key`."""
+    from rlhf_jax.config import ConfigError
+
+    try:
+        return resolve_mesh_shape(shape, jax.device_count())
+    except ValueError as e:
+        raise ConfigError(key, f"config key '{key}': {e}") from None
+
+
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Optional[Sequence] = None) -> Mesh:
     """A mesh with axes (data, fsdp, tensor) over `devices` (default: all)."""
     devices = list(jax.devices() if devices is None else devices)

@@ -11,6 +11,8 @@ import dataclasses
 import enum
 from typing import Any, Mapping, Optional
 
+from rlhf_jax.models.safetensors_io import ModelFileError
+
 
 class Family(str, enum.Enum):
     GPT2 = "gpt2"
@@ -154,7 +156,7 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Optional[RopeScaling]]:
     if rope_type == "default":
         return theta, None
     if rope_type not in ("linear", "llama3"):
-        raise ValueError(
+        raise ModelFileError(
             f"RoPE scaling {rope_type!r} is not supported; supported: 'default', 'linear', 'llama3'"
         )
     return theta, RopeScaling(
@@ -182,12 +184,12 @@ def from_hf_config(hf: Mapping[str, Any]) -> TransformerConfig:
     )
     if model_type == "gpt2":
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise ValueError(
+            raise ModelFileError(
                 "GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
                 "are not supported; set them to false"
             )
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(
+            raise ModelFileError(
                 f"GPT-2 activation {hf.get('activation_function')!r} is not supported; use 'gelu_new'"
             )
         d = hf["n_embd"]
@@ -206,11 +208,11 @@ def from_hf_config(hf: Mapping[str, Any]) -> TransformerConfig:
         )
     if model_type in ("llama", "qwen2"):
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"activation {hf.get('hidden_act')!r} is not supported; use 'silu'")
+            raise ModelFileError(f"activation {hf.get('hidden_act')!r} is not supported; use 'silu'")
         if model_type == "llama" and (hf.get("mlp_bias") or hf.get("attention_bias")):
-            raise ValueError("Llama attention_bias / mlp_bias are not supported; set them to false")
+            raise ModelFileError("Llama attention_bias / mlp_bias are not supported; set them to false")
         if model_type == "qwen2" and hf.get("use_sliding_window"):
-            raise ValueError("Qwen2 use_sliding_window=true is not supported; set it to false")
+            raise ModelFileError("Qwen2 use_sliding_window=true is not supported; set it to false")
         theta, scaling = _rope_from_hf(hf)
         family = Family.LLAMA if model_type == "llama" else Family.QWEN2
         return TransformerConfig(
@@ -230,7 +232,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> TransformerConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             **ids,
         )
-    raise ValueError(
+    raise ModelFileError(
         f"unsupported model_type {model_type!r}; supported families: "
         f"{', '.join(f.value for f in Family)}"
     )

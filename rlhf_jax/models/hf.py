@@ -24,6 +24,7 @@ import numpy as np
 
 from rlhf_jax import sharding as shd
 from rlhf_jax.models import safetensors_io
+from rlhf_jax.models.safetensors_io import ModelFileError
 from rlhf_jax.models.config import (
     BASE_ARCH,
     CAUSAL_LM_ARCH,
@@ -191,7 +192,7 @@ def _read_config(path: str) -> dict:
     with open(cfg_path) as f:
         hf = json.load(f)
     if hf.get("auto_map"):
-        raise ValueError(
+        raise ModelFileError(
             f"{cfg_path} has auto_map (custom modelling code); rlhf_jax loads only its built-in "
             f"architectures ({', '.join(SUPPORTED_ARCHITECTURES)}) and never runs remote code"
         )
@@ -206,16 +207,16 @@ def _head_from_architecture(hf: dict) -> str:
     if arch in SEQ_CLS_ARCH.values():
         num_labels = hf.get("num_labels", len(hf.get("id2label") or {}) or 2)
         if num_labels != 1:
-            raise ValueError(
+            raise ModelFileError(
                 f"{arch} with {num_labels} labels cannot be a reward model; it needs num_labels=1"
             )
         return "reward"
     if arch in BASE_ARCH.values():
-        raise ValueError(
+        raise ModelFileError(
             f"{arch} is a trunk without a head: pass head='reward' to add a new score head, "
             "or head='lm' (tied embeddings only)"
         )
-    raise ValueError(
+    raise ModelFileError(
         f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 
@@ -260,10 +261,10 @@ def load_hf(
         if name not in files and name.startswith(prefix) and name[len(prefix):] in files:
             name = name[len(prefix):]  # a bare trunk checkpoint (GPT2Model, LlamaModel)
         if name not in files:
-            raise ValueError(f"{path}: tensor {name} is missing from the checkpoint")
+            raise ModelFileError(f"{path}: tensor {name} is missing from the checkpoint")
         want = _expected_shape(abstract, cfg, entry, i)
         if files.shape(name) != want:
-            raise ValueError(
+            raise ModelFileError(
                 f"{path}: tensor {name} has shape {files.shape(name)} but the config implies {want}"
             )
         return files.get(name)

@@ -15,6 +15,10 @@ from typing import Iterator, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
+
+class ModelFileError(ValueError):
+    """A model directory or file that cannot be used; the message names it and the fix."""
+
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -35,10 +39,10 @@ def read_header(path: str) -> tuple[dict, int]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            raise ModelFileError(f"{path} is not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
         if n > os.path.getsize(path) - 8:
-            raise ValueError(f"{path} is truncated or not a safetensors file (bad header length)")
+            raise ModelFileError(f"{path} is truncated or not a safetensors file (bad header length)")
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return header, 8 + n
@@ -61,13 +65,13 @@ class SafetensorsFile:
     def get(self, name: str) -> np.ndarray:
         info = self.header[name]
         if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+            raise ModelFileError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = info["data_offsets"]
         data = self._mmap[self._start + begin : self._start + end]
         if data.size != end - begin:
-            raise ValueError(f"{self.path} is truncated: tensor {name} is incomplete")
+            raise ModelFileError(f"{self.path} is truncated: tensor {name} is incomplete")
         return data.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 

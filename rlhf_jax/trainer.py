@@ -1,0 +1,168 @@
+"""Pieces every trainer loop shares: where the model comes from, the sharded train state, and
+throughput / MFU accounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+
+from rlhf_jax import models, optim, perf
+from rlhf_jax import sharding as shd
+from rlhf_jax.config import ConfigError, check
+from rlhf_jax.models.config import Family, TransformerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+    """A fresh transformer for from-scratch runs; vocabulary and special ids come from the
+    tokenizer.
+
+    Attributes:
+      family: gpt2, llama or qwen2 (names and layout of the export).
+      hidden_size: model width.
+      num_layers: decoder blocks.
+      num_heads: attention heads.
+      num_kv_heads: key/value heads (none = num_heads).
+      intermediate_size: MLP width.
+      max_position_embeddings: longest sequence the model accepts.
+    """
+
+    family: Family = Family.GPT2
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Where the reward model starts.
+
+    Attributes:
+      path: a Hugging Face model directory: a causal LM, or a sequence-classification
+        model with one label (ours or transformers'); a head the stage needs and the
+        checkpoint lacks (an RM's score head) is added.
+      init: or a fresh architecture, trained from scratch.
+      tokenizer: tokenizer directory; none = `path` (or the synthetic data's tokenizer).
+      dtype: compute dtype, float32 or bfloat16 (params stay float32).
+      remat: recompute each block in the backward pass (saves activation memory).
+    """
+
+    path: Optional[str] = None
+    init: Optional[ArchConfig] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        check((self.path is None) != (self.init is None), "path", self.path,
+              "exactly one of model.path (a Hugging Face directory) and model.init (a fresh "
+              "architecture)")
+        check(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "float32 or bfloat16")
+
+
+def load_tokenizer(cfg: ModelConfig, fallback: Optional[str] = None):
+    """The tokenizer at `cfg.tokenizer`, else `cfg.path`, else `fallback` (generated data's)."""
+    path = cfg.tokenizer or cfg.path or fallback
+    if path is None:
+        raise ConfigError("model.tokenizer", "config key 'model.tokenizer' is required when the "
+                                             "model is trained from scratch on files")
+    return models.load_tokenizer(path)
+
+
+def load_model(cfg: ModelConfig, tokenizer, mesh, seed: int, head: str):
+    """(model with `head`, params placed on `mesh`) from a Hugging Face directory (a new head
+    is added where the checkpoint has none) or a fresh init."""
+    overrides = {"dtype": cfg.dtype, "remat": cfg.remat}
+    if cfg.path is not None:
+        return models.load_hf(cfg.path, head=head, mesh=mesh, seed=seed, **overrides)
+    arch = cfg.init
+    vocab = -(-len(tokenizer) // 64) * 64  # rounded up: divisible by tensor-parallel sizes
+    family = Family(arch.family)
+    tcfg = TransformerConfig(
+        family=family,
+        vocab_size=vocab,
+        hidden_size=arch.hidden_size,
+        num_layers=arch.num_layers,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        qkv_bias=family != Family.LLAMA,
+        tie_word_embeddings=family != Family.LLAMA,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )
+    return models.init_model(tcfg, head, seed=seed, mesh=mesh)
+
+
+def create_state(model, params, tx, mesh, rules=shd.DEFAULT_RULES):
+    """(train state, its shardings): optimizer moments sharded like the params they follow."""
+    abstract = jax.eval_shape(lambda p: optim.create_state(p, tx), models.abstract_params(model))
+    shardings = shd.shardings_for(abstract, mesh, rules)
+    with shd.use_mesh(mesh, rules):
+        state = jax.jit(lambda p: optim.create_state(p, tx), out_shardings=shardings)(params)
+    return state, shardings
+
+
+def matmul_ceiling() -> float:
+    """The machine's measured float32 matmul rate (bfloat16 on accelerators): the MFU ceiling."""
+    import jax.numpy as jnp
+
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return perf.matmul_flops_per_s(1024, 1024, 1024, dtype)
+
+
+class Throughput:
+    """Counts per second and MFU over a logging window; steps that compiled are left out.
+
+    `add(seq_len, seconds, sequences, counts)`: a step over `sequences` rows of `seq_len`
+    slots (padding included: what the device computes), with counts such as
+    {"tokens": real tokens, "pairs": ...} reported as perf/<name>_per_s. With "tokens",
+    perf/fill is the share of slots that hold real tokens.
+    """
+
+    def __init__(self, model_cfg: TransformerConfig, ceiling_flops_per_s: float,
+                 lm_head: bool = True):
+        self.cfg, self.ceiling, self.lm_head = model_cfg, ceiling_flops_per_s, lm_head
+        self.shapes: set = set()
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = self.slots = self.flops = 0.0
+        self.counts: dict[str, float] = {}
+
+    def add(self, seq_len: int, seconds: float, sequences: int, counts: dict) -> None:
+        if seq_len not in self.shapes:  # the first step at this length compiled: not a sample
+            self.shapes.add(seq_len)
+            return
+        per_token = models.flops_per_token(self.cfg, seq_len, training=True)
+        if not self.lm_head:  # a scalar head instead of the vocabulary projection
+            per_token -= 6 * self.cfg.vocab_size * self.cfg.hidden_size
+        self.seconds += seconds
+        self.slots += sequences * seq_len
+        self.flops += per_token * sequences * seq_len
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0.0) + float(v)
+
+    def metrics(self) -> dict[str, float]:
+        if not self.seconds:
+            return {}
+        out = {f"perf/{k}_per_s": v / self.seconds for k, v in self.counts.items()}
+        if "tokens" in self.counts:
+            out["perf/fill"] = self.counts["tokens"] / self.slots
+        out["perf/mfu"] = self.flops / self.seconds / self.ceiling
+        self.reset()
+        return out
+
+
+def prefixed(metrics: dict, prefix: str) -> dict[str, float]:
+    """{"prefix/key": float} of a metrics dict."""
+    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
