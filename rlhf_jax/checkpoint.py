@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -112,11 +113,25 @@ class Checkpointer:
                 continue
             if errors:
                 warn(f"resumed from the older checkpoint at step {s}")
+                self._set_aside([c for c in candidates if c > s], warn)
             return s, restored["state"], dict(restored["meta"])
         raise CheckpointError(
             f"no readable checkpoint in {self.directory}: " + "; ".join(errors)
             + ". Delete the directory (or pick another output directory) to start afresh."
         )
+
+    def _set_aside(self, steps: list[int], warn: Callable[[str], None]) -> None:
+        """Moves damaged checkpoints out of the way (to <directory>-damaged/<step>), so the
+        resumed run can save those steps again; nothing is deleted."""
+        aside = self.directory.rstrip("/") + "-damaged"
+        os.makedirs(aside, exist_ok=True)
+        for s in steps:
+            target = os.path.join(aside, str(s))
+            if os.path.exists(target):
+                target += f".{int(time.time())}"
+            os.replace(os.path.join(self.directory, str(s)), target)
+            warn(f"moved the damaged checkpoint of step {s} to {target}")
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.wait_until_finished()

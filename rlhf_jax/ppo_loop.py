@@ -340,10 +340,10 @@ def train(cfg: PPORunConfig, log: Callable[[str], None] = print, progress_desc: 
     _check_vocab(tokenizer, policy, critic, reward_model)
     room = policy.cfg.max_position_embeddings - cfg.sampling.max_new_tokens
     if cfg.prompts.max_prompt_length > room:
-        raise ConfigError("prompts.max_prompt_length", f"{cfg.prompts.max_prompt_length} prompt "
-                          f"tokens + sampling.max_new_tokens={cfg.sampling.max_new_tokens} exceed "
-                          f"the policy's {policy.cfg.max_position_embeddings} positions; lower "
-                          "one of them")
+        raise ConfigError("prompts.max_prompt_length", "config keys prompts.max_prompt_length="
+                          f"{cfg.prompts.max_prompt_length} + sampling.max_new_tokens="
+                          f"{cfg.sampling.max_new_tokens} exceed the policy's "
+                          f"{policy.cfg.max_position_embeddings} positions; lower one of them")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
     tx = optim.make_optimizer(cfg.optim, cfg.iterations * cfg.ppo.ppo_epochs

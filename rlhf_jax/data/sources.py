@@ -23,16 +23,37 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 
 @contextlib.contextmanager
 def _quiet():
-    """No `datasets` progress bars while loading (our own bar reports progress)."""
+    """No `datasets` progress bars or log lines while loading: a file it cannot read becomes
+    our one-line `DataError`, not its log output plus ours."""
     from datasets.utils import logging as ds_logging
 
     was_enabled = ds_logging.is_progress_bar_enabled()
+    level = ds_logging.get_verbosity()
     ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity(ds_logging.CRITICAL + 10)
     try:
         yield
     finally:
+        ds_logging.set_verbosity(level)
         if was_enabled:
             ds_logging.enable_progress_bar()
+
+
+def _first_bad_json_line(path: str) -> Optional[str]:
+    """'line N: why' for the first line of a .jsonl file that is not a JSON object."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n} is not valid JSON ({e.msg}, column {e.colno})"
+            if not isinstance(row, dict):
+                return f"line {n} is a {type(row).__name__}, not a JSON object of columns"
+    return None
 
 
 def _builder(source: str, files: list[str]) -> str:
@@ -98,6 +119,11 @@ def load_rows(source: str, split: str = "train"):
             try:
                 ds = datasets.load_dataset(builder, data_files=files, split="train")
             except Exception as e:  # noqa: BLE001 - a malformed file
+                bad = [(f, _first_bad_json_line(f)) for f in files if f.endswith(".jsonl")]
+                bad = [(f, why) for f, why in bad if why]
+                if bad:
+                    raise DataError(f"{bad[0][0]}: {bad[0][1]}; write one JSON object per "
+                                    "line") from None
                 raise DataError(f"{source}: could not be read as {builder} "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         elif _looks_local(source):
