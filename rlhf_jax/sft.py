@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import functools
 import os
-import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -26,25 +25,22 @@ import numpy as np
 import optax
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import models, optim
+from rlhf_jax import optim
 from rlhf_jax import sharding as shd
 from rlhf_jax.checkpoint import CheckpointConfig
-from rlhf_jax.config import ConfigError, check
+from rlhf_jax.config import check
 from rlhf_jax.data.sft import (
     DemoDataConfig, SFTData, SFTDataConfig, generate_demonstrations, load_sft,
 )
 from rlhf_jax.optim import OptimizerConfig
-from rlhf_jax.trainer import (
+from rlhf_jax.trainer import (  # noqa: F401 - ArchConfig, ModelConfig: SFTConfig's parts
     ArchConfig,
     ModelConfig,
-    Throughput,
-    create_state,
-    load_model,
+    Stage,
+    fit,
     load_tokenizer,
-    matmul_ceiling,
-    prefixed,
 )
-from rlhf_jax.runner import GuardConfig, Runner, run_command
+from rlhf_jax.runner import GuardConfig, run_command
 
 # ----------------------------------------------------------------------------- config
 
@@ -224,76 +220,28 @@ def evaluate(eval_fn: Callable, params, data: SFTData, mesh) -> dict[str, float]
     return {**out, "perplexity": float(np.exp(min(out["loss"], 50.0)))}
 
 
-def train(cfg: SFTConfig, log: Callable[[str], None] = print, progress_desc: str = "sft") -> dict:
-    """Trains (or resumes) a causal LM on demonstrations as `cfg` says; returns the final
-    held-out metrics.
-
-    Writes to cfg.out_dir: config.yaml, checkpoints/ (state and data position, resumed from
-    when present), metrics.jsonl and TensorBoard events, and export/ (Hugging Face).
-    """
-    from tqdm import tqdm
-
-    from rlhf_jax.logging import MetricsLogger
-
-    wall = time.perf_counter()
+def _load_data(cfg: SFTConfig):
     data_cfg, synthetic_tokenizer = resolve_data(cfg)
     tokenizer = load_tokenizer(cfg.model, synthetic_tokenizer)
-    mesh = shd.make_mesh(cfg.mesh)
-    train_data, held_out = load_sft(data_cfg, tokenizer, cfg.batch_size, cfg.seed)
-    for part in (train_data, held_out):
-        if part is not None:
-            log(part.summary)
-    total = cfg.steps or sum(train_data.batches_per_epoch(e) for e in range(cfg.epochs))
-    model, params = load_model(cfg.model, tokenizer, mesh, cfg.seed, "lm")
-    if len(tokenizer) > model.cfg.vocab_size:
-        raise ConfigError("model.tokenizer",
-                          f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
-                          f"only {model.cfg.vocab_size}; use the model's tokenizer")
-    tx = optim.make_optimizer(cfg.optim, total)
-    lr = optim.learning_rate_schedule(cfg.optim, total)
-    state, shardings = create_state(model, params, tx, mesh)
-    del params
-    train_fn, eval_fn = compile_steps(cfg, model, tx, mesh, shardings)
-    perf = Throughput(model.cfg, matmul_ceiling())
-    result: dict = {}
-    with Runner(cfg.out_dir, cfg.checkpoint, cfg.guard, config=cfg, log=log) as run, \
-            shd.use_mesh(mesh):
-        start, state, _ = run.resume(state)
-        logger = MetricsLogger(cfg.out_dir, resume_step=start or None,
-                               enabled=jax.process_index() == 0)
-        with run.preemptible(), tqdm(total=total, initial=start, desc=progress_desc,
-                                     unit="step") as bar:
-            for step in range(start + 1, total + 1):
-                tick = time.perf_counter()
-                batch = train_data.batch(step - 1)
-                state, metrics = train_fn(state, shd.shard_batch(batch, mesh))
-                if not run.after_step(step, state, metrics, {"data_position": step}):
-                    return {"preempted": True, "exit_code": run.exit_code()}
-                b, t = batch["input_ids"].shape
-                perf.add(t, time.perf_counter() - tick, b,
-                         {"tokens": batch["attention_mask"].sum(),
-                          "target_tokens": batch["loss_mask"].sum()})  # after_step synced on the loss
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == total:
-                    host = jax.device_get(metrics)
-                    bar.set_postfix(loss=f"{float(host['loss']):.3f}")
-                    logger.log(step, {**prefixed(host, "train"), "train/lr": float(lr(step - 1)),
-                                      **perf.metrics()})
-                if held_out is not None and cfg.eval_every and step % cfg.eval_every == 0 \
-                        and step < total:  # the last step is evaluated below
-                    logger.log(step, prefixed(evaluate(eval_fn, state.params, held_out, mesh),
-                                               "eval"))
-        if held_out is not None:
-            result = evaluate(eval_fn, state.params, held_out, mesh)
-            logger.log(total, prefixed(result, "eval"))
-        run.finish(total, state, {"data_position": total})
-    export = os.path.join(cfg.out_dir, "export")
-    if cfg.export and jax.process_index() == 0:
-        models.save_hf(export, model, jax.device_get(state.params), tokenizer)
-        log(f"exported the model to {export}")
-    logger.close()
-    return {"eval": result, "steps": total, "export": export if cfg.export else None,
-            "wall_s": time.perf_counter() - wall}
+    return (tokenizer, *load_sft(data_cfg, tokenizer, cfg.batch_size, cfg.seed))
+
+
+def _work(batch: dict):
+    b, t = batch["input_ids"].shape
+    return t, b, {"tokens": batch["attention_mask"].sum(),
+                  "target_tokens": batch["loss_mask"].sum()}
+
+
+STAGE = Stage(head="lm", load_data=_load_data, compile_steps=compile_steps, evaluate=evaluate,
+              work=_work)
+
+
+def train(cfg: SFTConfig, log: Callable[[str], None] = print, progress_desc: str = "sft") -> dict:
+    """Trains (or resumes) a causal LM on demonstrations as `cfg` says (see `trainer.fit` for
+    what it writes); returns the held-out metrics and the export path."""
+    result = fit(cfg, STAGE, log, progress_desc)
+    result.pop("model", None)
+    return result
 
 
 def cli(argv: list[str]) -> int:

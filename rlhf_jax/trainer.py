@@ -5,7 +5,7 @@ throughput / MFU accounting.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 
@@ -166,3 +166,110 @@ class Throughput:
 def prefixed(metrics: dict, prefix: str) -> dict[str, float]:
     """{"prefix/key": float} of a metrics dict."""
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What differs between the supervised trainers (SFT, reward model); `fit` runs the rest.
+
+    Attributes:
+      head: the model head ("lm", "reward").
+      load_data: cfg -> (tokenizer, training data, held-out data or None); the data serve
+        `batch(i)`, `batches_per_epoch(e)`, `epoch_batches(e)` and `summary`.
+      compile_steps: (cfg, model, tx, mesh, state shardings) -> (train_fn, eval_fn).
+      evaluate: (eval_fn, params, data, mesh) -> held-out metric means.
+      work: batch -> (padded length, sequences computed, counts for perf/<name>_per_s).
+      lm_head: the model computes vocabulary logits (for the MFU count).
+      postfix: training metrics shown on the progress bar.
+      finish: optional (cfg, model, params, train data, held-out, mesh, log) -> (model, meta):
+        a last change of the model before saving and export (reward normalisation), and
+        what to store with the final checkpoint.
+    """
+
+    head: str
+    load_data: Callable
+    compile_steps: Callable
+    evaluate: Callable
+    work: Callable
+    lm_head: bool = True
+    postfix: tuple = ("loss",)
+    finish: Optional[Callable] = None
+
+
+def fit(cfg, stage: Stage, log: Callable[[str], None] = print, progress_desc: str = "train") -> dict:
+    """Trains (or resumes) a stage as `cfg` says; returns the final held-out metrics.
+
+    Writes to cfg.out_dir: config.yaml, checkpoints/ (state and data position, resumed from
+    when present), metrics.jsonl and TensorBoard events, and export/ (Hugging Face).
+    """
+    import os
+    import time
+
+    from tqdm import tqdm
+
+    from rlhf_jax.logging import MetricsLogger
+    from rlhf_jax.runner import Runner
+
+    wall = time.perf_counter()
+    tokenizer, train_data, held_out = stage.load_data(cfg)
+    mesh = shd.make_mesh(cfg.mesh)
+    for part in (train_data, held_out):
+        if part is not None:
+            log(part.summary)
+    total = cfg.steps or sum(train_data.batches_per_epoch(e) for e in range(cfg.epochs))
+    model, params = load_model(cfg.model, tokenizer, mesh, cfg.seed, stage.head)
+    if len(tokenizer) > model.cfg.vocab_size:
+        raise ConfigError("model.tokenizer",
+                          f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                          f"only {model.cfg.vocab_size}; use the model's tokenizer")
+    tx = optim.make_optimizer(cfg.optim, total)
+    lr = optim.learning_rate_schedule(cfg.optim, total)
+    state, shardings = create_state(model, params, tx, mesh)
+    del params
+    train_fn, eval_fn = stage.compile_steps(cfg, model, tx, mesh, shardings)
+    perf_window = Throughput(model.cfg, matmul_ceiling(), lm_head=stage.lm_head)
+    result: dict = {}
+    meta: dict = {}
+    with Runner(cfg.out_dir, cfg.checkpoint, cfg.guard, config=cfg, log=log) as run, \
+            shd.use_mesh(mesh):
+        start, state, _ = run.resume(state)
+        logger = MetricsLogger(cfg.out_dir, resume_step=start or None,
+                               enabled=jax.process_index() == 0)
+        with run.preemptible(), tqdm(total=total, initial=start, desc=progress_desc,
+                                     unit="step") as bar:
+            for step in range(start + 1, total + 1):
+                tick = time.perf_counter()
+                batch = train_data.batch(step - 1)
+                state, metrics = train_fn(state, shd.shard_batch(batch, mesh))
+                if not run.after_step(step, state, metrics, {"data_position": step}):
+                    logger.close()
+                    return {"preempted": True, "exit_code": run.exit_code()}
+                # after_step read the loss back, so the step is done: its time is complete
+                length, sequences, counts = stage.work(batch)
+                perf_window.add(length, time.perf_counter() - tick, sequences, counts)
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total:
+                    host = jax.device_get(metrics)
+                    bar.set_postfix({k: f"{float(host[k]):.3f}" for k in stage.postfix})
+                    logger.log(step, {**prefixed(host, "train"), "train/lr": float(lr(step - 1)),
+                                      **perf_window.metrics()})
+                if held_out is not None and cfg.eval_every and step % cfg.eval_every == 0 \
+                        and step < total:  # the last step is evaluated below
+                    logger.log(step, prefixed(stage.evaluate(eval_fn, state.params, held_out,
+                                                             mesh), "eval"))
+        if held_out is not None:
+            result = stage.evaluate(eval_fn, state.params, held_out, mesh)
+            logger.log(total, prefixed(result, "eval"))
+        if stage.finish is not None:
+            model, meta = stage.finish(cfg, model, state.params, train_data, held_out, mesh, log)
+        run.finish(total, state, {"data_position": total, **meta})
+        logger.close()
+    export = os.path.join(cfg.out_dir, "export")
+    if cfg.export and jax.process_index() == 0:
+        models.save_hf(export, model, jax.device_get(state.params), tokenizer)
+        log(f"exported the model to {export}")
+    return {"eval": result, "steps": total, "model": model,
+            "export": export if cfg.export else None, "wall_s": time.perf_counter() - wall}
