@@ -72,19 +72,25 @@ def summary(times: Sequence[float]) -> dict:
 
 
 def matmul_flops_per_s(m: int, k: int, n: int, dtype=jnp.float32, repeats: int = 5) -> float:
-    """Measured rate (FLOP/s) of a jitted [m, k] @ [k, n] matmul: 2·m·k·n / median seconds.
+    """Measured rate (FLOP/s) of a [m, k] @ [k, n] matmul: 2·m·k·n / median seconds per matmul.
 
-    The operands stay the same between calls, so small weights stay in cache: this is the
-    compute rate at that shape, not the memory bound (see `memory_bandwidth_bytes_per_s`).
-    Tiny shapes run as several independent matmuls (each its own weight, as in a model's
-    layers) in one call, so that the call overhead does not count.
+    One jitted call runs a loop of matmuls at exactly this shape, one after the other (the way
+    a model's layers run), so that the Python call overhead does not count for small shapes.
+    The weight stays the same, so a small one stays in cache: this is the compute rate at that
+    shape, not the memory bound (see `memory_bandwidth_bytes_per_s`).
     """
     flops = 2.0 * m * k * n
-    inner = max(1, min(64, int(1e8 // max(flops, 1))))  # ≥ ~0.1 GFLOP per timed call
+    inner = max(1, min(256, int(2e8 // max(flops, 1))))  # ≥ ~0.2 GFLOP per timed call
     ka, kb = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(ka, (inner, m, k), dtype)
-    b = jax.random.normal(kb, (inner, k, n), dtype)
-    f = jax.jit(lambda a, b: jnp.einsum("imk,ikn->imn", a, b))
+    a = jax.random.normal(ka, (m, k), dtype)
+    b = jax.random.normal(kb, (k, n), dtype)
+
+    @jax.jit
+    def f(a, b):
+        def body(i, a):  # each matmul's input depends on the previous output: none is hoisted
+            return a + 1e-30 * jnp.sum(jnp.dot(a, b))
+        return jax.lax.fori_loop(0, inner, body, a)
+
     times = timeit(lambda: f(a, b), repeats=repeats, warmup=2)
     return inner * flops / median(times)
 

@@ -28,14 +28,13 @@ import optax
 from rlhf_jax import config as config_lib
 from rlhf_jax import losses, models, optim
 from rlhf_jax import sharding as shd
-from rlhf_jax.checkpoint import CheckpointConfig
 from rlhf_jax.config import check
 from rlhf_jax.data import DataConfig, PreferenceData, load_preferences, synthetic
-from rlhf_jax.optim import OptimizerConfig
-from rlhf_jax.runner import GuardConfig, run_command
+from rlhf_jax.runner import run_command
 from rlhf_jax.trainer import (  # noqa: F401 - ArchConfig, ModelConfig, create_state: public here
     ArchConfig,
     ModelConfig,
+    RunConfig,
     Stage,
     create_state,
     fit,
@@ -46,59 +45,27 @@ from rlhf_jax.trainer import (  # noqa: F401 - ArchConfig, ModelConfig, create_s
 
 
 @dataclasses.dataclass(frozen=True)
-class RMConfig:
-    """A reward-model training run.
+class RMConfig(RunConfig):
+    """A reward-model training run: the fields of `trainer.RunConfig` (batch_size counts
+    preference pairs; the export is a sequence-classification model) and
 
     Attributes:
-      out_dir: where checkpoints, metrics, the resolved config and the export go.
-      seed: seed of the head initialisation, held-out split and data order.
-      model: the starting model.
       data: preference data (see rlhf_jax.data.DataConfig).
-      optim: optimizer and learning-rate schedule.
-      mesh: device mesh (data, fsdp, tensor); -1 fills with the remaining devices.
-      batch_size: preference pairs per optimizer step (global, over all hosts).
-      grad_accum: microbatches per step (batch_size must divide by it).
-      steps: optimizer steps; 0 = `epochs` passes over the training pairs.
-      epochs: passes over the data when steps is 0.
-      eval_every: evaluate on the held-out split every this many steps (0 = only at the end).
-      log_every: write training metrics every this many steps.
       margin_scale: s in −log σ(r_c − r_r − s·m), for data with a margin column
         (0 = ignore the margins).
       center_coef: λ of the reward-centering term λ·(r_c + r_r)² (0 = off).
       normalise_after_training: set the model's gain and bias so that scores of the held-out
         responses (training ones without a held-out split) have mean 0 and std 1.
-      export: write a Hugging Face sequence-classification model (+ tokenizer) to out_dir/export.
-      checkpoint: checkpoint schedule and resume.
-      guard: what to do on a non-finite loss or gradient.
     """
 
     out_dir: str = "runs/rm"
-    seed: int = 0
-    model: ModelConfig = ModelConfig(init=ArchConfig())
     data: DataConfig = DataConfig(synthetic=synthetic.SyntheticConfig())
-    optim: OptimizerConfig = OptimizerConfig()
-    mesh: tuple[int, int, int] = (1, -1, 1)
-    batch_size: int = 32
-    grad_accum: int = 1
-    steps: int = 0
-    epochs: int = 1
-    eval_every: int = 0
-    log_every: int = 10
     margin_scale: float = 1.0
     center_coef: float = 0.0
     normalise_after_training: bool = False
-    export: bool = True
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    guard: GuardConfig = GuardConfig()
 
     def __post_init__(self):
-        check(self.batch_size > 0, "batch_size", self.batch_size, "1 or more pairs")
-        check(self.grad_accum > 0 and self.batch_size % self.grad_accum == 0, "grad_accum",
-              self.grad_accum, f"a positive divisor of batch_size={self.batch_size}")
-        check(self.steps >= 0, "steps", self.steps, "0 (use epochs) or more")
-        check(self.epochs > 0, "epochs", self.epochs, "1 or more")
-        check(self.eval_every >= 0, "eval_every", self.eval_every, "0 (end only) or more")
-        check(self.log_every > 0, "log_every", self.log_every, "1 or more")
+        super().__post_init__()
         check(self.center_coef >= 0, "center_coef", self.center_coef, "0 (off) or more")
 
 

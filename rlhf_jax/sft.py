@@ -27,72 +27,31 @@ import optax
 from rlhf_jax import config as config_lib
 from rlhf_jax import optim
 from rlhf_jax import sharding as shd
-from rlhf_jax.checkpoint import CheckpointConfig
-from rlhf_jax.config import check
 from rlhf_jax.data.sft import (
     DemoDataConfig, SFTData, SFTDataConfig, generate_demonstrations, load_sft,
 )
-from rlhf_jax.optim import OptimizerConfig
-from rlhf_jax.trainer import (  # noqa: F401 - ArchConfig, ModelConfig: SFTConfig's parts
-    ArchConfig,
-    ModelConfig,
+from rlhf_jax.trainer import (
+    RunConfig,
     Stage,
     fit,
     load_tokenizer,
 )
-from rlhf_jax.runner import GuardConfig, run_command
+from rlhf_jax.runner import run_command
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTConfig:
-    """A supervised fine-tuning (or pretraining) run.
+class SFTConfig(RunConfig):
+    """A supervised fine-tuning (or pretraining) run: the fields of `trainer.RunConfig`
+    (batch_size counts rows; a packed row holds several examples) and
 
     Attributes:
-      out_dir: where checkpoints, metrics, the resolved config and the export go.
-      seed: seed of the initialisation, held-out split, packing and data order.
-      model: the starting model: a Hugging Face causal LM (model.path) or a fresh one
-        (model.init); see rlhf_jax.rm.ModelConfig.
       data: demonstrations (see rlhf_jax.data.sft.SFTDataConfig).
-      optim: optimizer and learning-rate schedule.
-      mesh: device mesh (data, fsdp, tensor); -1 fills with the remaining devices.
-      batch_size: rows per optimizer step (global, over all hosts); a packed row holds
-        several examples.
-      grad_accum: microbatches per step (batch_size must divide by it).
-      steps: optimizer steps; 0 = `epochs` passes over the training rows.
-      epochs: passes over the data when steps is 0.
-      eval_every: evaluate on the held-out split every this many steps (0 = only at the end).
-      log_every: write training metrics every this many steps.
-      export: write a Hugging Face causal LM (+ tokenizer) to out_dir/export.
-      checkpoint: checkpoint schedule and resume.
-      guard: what to do on a non-finite loss or gradient.
     """
 
     out_dir: str = "runs/sft"
-    seed: int = 0
-    model: ModelConfig = ModelConfig(init=ArchConfig())
     data: SFTDataConfig = SFTDataConfig(synthetic=DemoDataConfig())
-    optim: OptimizerConfig = OptimizerConfig()
-    mesh: tuple[int, int, int] = (1, -1, 1)
-    batch_size: int = 32
-    grad_accum: int = 1
-    steps: int = 0
-    epochs: int = 1
-    eval_every: int = 0
-    log_every: int = 10
-    export: bool = True
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    guard: GuardConfig = GuardConfig()
-
-    def __post_init__(self):
-        check(self.batch_size > 0, "batch_size", self.batch_size, "1 or more rows")
-        check(self.grad_accum > 0 and self.batch_size % self.grad_accum == 0, "grad_accum",
-              self.grad_accum, f"a positive divisor of batch_size={self.batch_size}")
-        check(self.steps >= 0, "steps", self.steps, "0 (use epochs) or more")
-        check(self.epochs > 0, "epochs", self.epochs, "1 or more")
-        check(self.eval_every >= 0, "eval_every", self.eval_every, "0 (end only) or more")
-        check(self.log_every > 0, "log_every", self.log_every, "1 or more")
 
 
 CONFIG_CLASS = SFTConfig

@@ -11,8 +11,10 @@ import jax
 
 from rlhf_jax import models, optim, perf
 from rlhf_jax import sharding as shd
+from rlhf_jax.checkpoint import CheckpointConfig
 from rlhf_jax.config import ConfigError, check
 from rlhf_jax.models.config import Family, TransformerConfig
+from rlhf_jax.runner import GuardConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +168,53 @@ class Throughput:
 def prefixed(metrics: dict, prefix: str) -> dict[str, float]:
     """{"prefix/key": float} of a metrics dict."""
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What every supervised training run (SFT, reward model) is configured with.
+
+    Attributes:
+      out_dir: where checkpoints, metrics, the resolved config and the export go.
+      seed: seed of the initialisation, held-out split and data order.
+      model: the starting model: a Hugging Face directory (model.path) or a fresh one
+        (model.init).
+      optim: optimizer and learning-rate schedule.
+      mesh: device mesh (data, fsdp, tensor); -1 fills with the remaining devices.
+      batch_size: rows (SFT) or preference pairs (RM) per optimizer step, global over hosts.
+      grad_accum: microbatches per step (batch_size must divide by it).
+      steps: optimizer steps; 0 = `epochs` passes over the training data.
+      epochs: passes over the data when steps is 0.
+      eval_every: evaluate on the held-out split every this many steps (0 = only at the end).
+      log_every: write training metrics every this many steps.
+      export: write the trained model (+ tokenizer) in Hugging Face format to out_dir/export.
+      checkpoint: checkpoint schedule and resume.
+      guard: what to do on a non-finite loss or gradient.
+    """
+
+    out_dir: str = "runs/train"
+    seed: int = 0
+    model: ModelConfig = ModelConfig(init=ArchConfig())
+    optim: optim.OptimizerConfig = optim.OptimizerConfig()
+    mesh: tuple[int, int, int] = (1, -1, 1)
+    batch_size: int = 32
+    grad_accum: int = 1
+    steps: int = 0
+    epochs: int = 1
+    eval_every: int = 0
+    log_every: int = 10
+    export: bool = True
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    guard: GuardConfig = GuardConfig()
+
+    def __post_init__(self):
+        check(self.batch_size > 0, "batch_size", self.batch_size, "1 or more")
+        check(self.grad_accum > 0 and self.batch_size % self.grad_accum == 0, "grad_accum",
+              self.grad_accum, f"a positive divisor of batch_size={self.batch_size}")
+        check(self.steps >= 0, "steps", self.steps, "0 (use epochs) or more")
+        check(self.epochs > 0, "epochs", self.epochs, "1 or more")
+        check(self.eval_every >= 0, "eval_every", self.eval_every, "0 (end only) or more")
+        check(self.log_every > 0, "log_every", self.log_every, "1 or more")
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported) and tiny HF checkpoints."""
 
+import json
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -82,3 +83,26 @@ def padded_batch(lengths, total: int, vocab: int = 97, left: bool = True, seed: 
         ids[b, sl] = rng.integers(3, vocab, n)
         mask[b, sl] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def ppo_inputs(tmp_path_factory):
+    """A tiny GPT-2 policy and reward model in Hugging Face format with a shared tokenizer,
+    and a prompts file: what `rlhf-jax ppo` reads."""
+    root = tmp_path_factory.mktemp("ppo_inputs")
+    import jax
+
+    from rlhf_jax import models
+    from rlhf_jax.tiny import tiny_config, train_tokenizer
+
+    words = ["the film was", "a great movie", "boring plot", "I loved it", "bad acting"]
+    tok = train_tokenizer([" ".join(words)] * 50, vocab_size=300, path=str(root / "tok"))
+    cfg = tiny_config("gpt2", vocab_size=320, max_position_embeddings=64)
+    policy, pp = models.init_model(cfg, "lm", seed=0)
+    models.save_hf(str(root / "policy"), policy, jax.device_get(pp), tok)
+    rm, rp = models.init_model(cfg, "reward", seed=1)
+    models.save_hf(str(root / "rm"), rm, jax.device_get(rp), tok)
+    with open(root / "prompts.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": words[i % 5] + " " + words[(i * 3) % 5]}) + "\n")
+    return root

@@ -3,7 +3,6 @@ gives the same final state as an uninterrupted run (bitwise); SIGTERM saves and 
 latest checkpoint falls back with a warning; a non-finite step stops (or is skipped) as
 configured without touching what was saved."""
 
-import json
 import os
 import pathlib
 import signal
@@ -15,28 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import models
-from rlhf_jax.tiny import tiny_config, train_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture(scope="module")
-def ppo_inputs(tmp_path_factory):
-    """A tiny policy and reward model (shared tokenizer) and a prompts file."""
-    root = tmp_path_factory.mktemp("ppo_inputs")
-    words = ["the film was", "a great movie", "boring plot", "I loved it", "bad acting"]
-    tok = train_tokenizer([" ".join(words)] * 50, vocab_size=300, path=str(root / "tok"))
-    cfg = tiny_config("gpt2", vocab_size=320, max_position_embeddings=64)
-    policy, pp = models.init_model(cfg, "lm", seed=0)
-    models.save_hf(str(root / "policy"), policy, jax.device_get(pp), tok)
-    rm, rp = models.init_model(cfg, "reward", seed=1)
-    models.save_hf(str(root / "rm"), rm, jax.device_get(rp), tok)
-    with open(root / "prompts.jsonl", "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"prompt": words[i % 5] + " " + words[(i * 3) % 5]}) + "\n")
-    return root
 
 
 def command(trainer, out, steps, ppo_inputs=None, *extra):

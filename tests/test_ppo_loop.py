@@ -3,7 +3,6 @@ CLI, resumes exactly, and gives the same iteration on a device mesh."""
 
 import dataclasses
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.logging import read_jsonl
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.ppo_loop import PPOEngine, PPORunConfig, train
-from rlhf_jax.tiny import tiny_config, train_tokenizer
+from rlhf_jax.tiny import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 V, P, R, B, TARGET = 32, 4, 8, 16, 5
@@ -100,24 +99,6 @@ def test_sharded_iteration_matches_one_device(shape):
 # ----------------------------------------------------------------------------- the configured run
 
 
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    """A tiny policy and reward model in Hugging Face format with a shared tokenizer, and
-    a prompts file (one prompt of it malformed-free)."""
-    root = tmp_path_factory.mktemp("ppo_run")
-    words = ["the film was", "a great movie", "boring plot", "I loved it", "bad acting"]
-    tok = train_tokenizer([" ".join(words)] * 50, vocab_size=300, path=str(root / "tok"))
-    cfg = tiny_config("gpt2", vocab_size=320, max_position_embeddings=64)
-    policy, pp = models.init_model(cfg, "lm", seed=0)
-    models.save_hf(str(root / "policy"), policy, jax.device_get(pp), tok)
-    rm, rp = models.init_model(cfg, "reward", seed=1)
-    models.save_hf(str(root / "rm"), rm, jax.device_get(rp), tok)
-    with open(root / "prompts.jsonl", "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"prompt": words[i % 5] + " " + words[(i * 3) % 5]}) + "\n")
-    return root
-
-
 def run_config(root, out, **overrides):
     base = PPORunConfig(
         out_dir=str(out), policy=str(root / "policy"), reward_model=str(root / "rm"),
@@ -131,13 +112,13 @@ def run_config(root, out, **overrides):
     return dataclasses.replace(base, **overrides)
 
 
-def test_resumed_run_ends_with_the_same_params(hf_dirs, tmp_path):
-    full = train(run_config(hf_dirs, tmp_path / "full"), log=lambda s: None)
-    half = train(run_config(hf_dirs, tmp_path / "resumed", iterations=2), log=lambda s: None)
+def test_resumed_run_ends_with_the_same_params(ppo_inputs, tmp_path):
+    full = train(run_config(ppo_inputs, tmp_path / "full"), log=lambda s: None)
+    half = train(run_config(ppo_inputs, tmp_path / "resumed", iterations=2), log=lambda s: None)
     assert half["iterations"] == 2
     # The same output directory, now asked for 4 iterations: continues from iteration 2.
     logs = []
-    resumed = train(run_config(hf_dirs, tmp_path / "resumed"), log=logs.append)
+    resumed = train(run_config(ppo_inputs, tmp_path / "resumed"), log=logs.append)
     assert any("resumed" in line and "step 2" in line for line in logs)
     for k, v in full["last"].items():
         if not k.startswith(("time/", "perf/")):
@@ -162,10 +143,10 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_cli_end_to_end_and_export(hf_dirs, tmp_path):
+def test_cli_end_to_end_and_export(ppo_inputs, tmp_path):
     proc = run_cli("--config", "configs/ppo_tiny.yaml", f"out_dir={tmp_path}",
-                   f"policy={hf_dirs / 'policy'}", f"reward_model={hf_dirs / 'rm'}",
-                   f"prompts.train={hf_dirs / 'prompts.jsonl'}", "iterations=2", "batch_size=8",
+                   f"policy={ppo_inputs / 'policy'}", f"reward_model={ppo_inputs / 'rm'}",
+                   f"prompts.train={ppo_inputs / 'prompts.jsonl'}", "iterations=2", "batch_size=8",
                    "sampling.max_new_tokens=6")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "after 2 iterations: RM score" in proc.stdout

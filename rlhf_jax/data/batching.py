@@ -160,3 +160,27 @@ class BatchPlan:
         epoch, k = self.locate(index)
         rows, padded = self.epoch(epoch)
         return rows[k], int(padded[k])
+
+
+class Batches:
+    """A split served as fixed-shape batches by a `BatchPlan`; subclasses say how the items
+    of one batch become arrays (`collate`)."""
+
+    plan: BatchPlan
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        return self.plan.batches_per_epoch(epoch)
+
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        """Batch `index` of the run (0-based; epochs follow one another)."""
+        items, length = self.plan.batch(index)
+        return self.collate(items, length)
+
+    def epoch_batches(self, epoch: int = 0):
+        """Every batch of one epoch in order (for evaluation)."""
+        items, lengths = self.plan.epoch(epoch)
+        for r, n in zip(items, lengths):
+            yield self.collate(r, int(n))
+
+    def collate(self, items: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from rlhf_jax.data import sources
-from rlhf_jax.data.batching import BatchPlan, pad_right
+from rlhf_jax.data.batching import BatchPlan, Batches, pad_right
 from rlhf_jax.data.config import DataConfig
 from rlhf_jax.data.formats import (
     REQUIRED, BadRow, BadRows, DataError, TextPairs, detect_format, rows_to_pairs,
@@ -65,7 +65,7 @@ def encode_pairs(texts: TextPairs, tokenizer, cfg: DataConfig, bad: BadRows) -> 
     )
 
 
-class PreferenceData:
+class PreferenceData(Batches):
     """One split's pairs on this host, served as fixed-shape batches (see the module doc)."""
 
     def __init__(self, pairs: EncodedPairs, plan: BatchPlan, pad_id: int, summary: str):
@@ -73,20 +73,6 @@ class PreferenceData:
 
     def __len__(self) -> int:
         return len(self.pairs.margin)
-
-    def batches_per_epoch(self, epoch: int = 0) -> int:
-        return self.plan.batches_per_epoch(epoch)
-
-    def batch(self, index: int) -> dict[str, np.ndarray]:
-        """Batch `index` of the run (0-based; epochs follow one another)."""
-        rows, length = self.plan.batch(index)
-        return self.collate(rows, length)
-
-    def epoch_batches(self, epoch: int = 0):
-        """Every batch of one epoch in order (for evaluation)."""
-        rows, lengths = self.plan.epoch(epoch)
-        for r, n in zip(rows, lengths):
-            yield self.collate(r, int(n))
 
     def collate(self, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
         empty = np.zeros(0, np.int32)

@@ -39,7 +39,7 @@ import numpy as np
 
 from rlhf_jax.config import check
 from rlhf_jax.data import sources
-from rlhf_jax.data.batching import BatchPlan
+from rlhf_jax.data.batching import BatchPlan, Batches
 from rlhf_jax.data.config import DataConfig, Truncation
 from rlhf_jax.data.formats import (
     BadRow, BadRows, DataError, _close, _messages, _text, render_conversation,
@@ -305,7 +305,7 @@ def pack(lengths: np.ndarray, capacity: int, seed: int) -> list[list[int]]:
     return rows
 
 
-class SFTData:
+class SFTData(Batches):
     """One split's examples on this host, served as fixed-shape batches (see the module doc).
 
     Args:
@@ -323,20 +323,6 @@ class SFTData:
 
     def __len__(self) -> int:
         return len(self.examples.ids)
-
-    def batches_per_epoch(self, epoch: int = 0) -> int:
-        return self.plan.batches_per_epoch(epoch)
-
-    def batch(self, index: int) -> dict[str, np.ndarray]:
-        """Batch `index` of the run (0-based; epochs follow one another)."""
-        items, length = self.plan.batch(index)
-        return self.collate(items, length)
-
-    def epoch_batches(self, epoch: int = 0):
-        """Every batch of one epoch in order (for evaluation)."""
-        items, lengths = self.plan.epoch(epoch)
-        for r, n in zip(items, lengths):
-            yield self.collate(r, int(n))
 
     def collate(self, items: np.ndarray, length: int) -> dict[str, np.ndarray]:
         shape = (len(items), length)
