@@ -1,0 +1,264 @@
+"""Generation benchmark: rlhf_jax's rollout engine against transformers' `generate`, same weights.
+
+    python benchmarks/generate.py [--shape small|base|all] [--repeats N] 2> bench.log
+
+For each shape a random GPT-2 model is built with rlhf_jax, saved in Hugging Face format and
+loaded back by both rlhf_jax (`load_hf`) and transformers (`GPT2LMHeadModel`, float32, eval).
+Both sample 64 new tokens (temperature 1, no top-k / top-p, KV cache on, no early stop) for
+the same 16 left-padded random prompts of 16–32 tokens. Timed calls alternate between the two;
+the first rlhf_jax call (compilation) is timed apart from the steady-state ones. Tokens/s
+counts new tokens only: batch × 64 / seconds per call.
+
+The ceiling comes from `rlhf_jax.perf`, measured in this process: the best matmul rate over
+the model's matmul shapes and the streaming read bandwidth give the fastest a generate call
+of this shape could run (prefill plus 63 decode steps, each bound by compute or by memory).
+
+Writes benchmarks/results/generate_<device>.json (environment, settings, every raw time) and
+prints a Markdown table (stdout); progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rlhf_jax import generate as gen  # noqa: E402
+from rlhf_jax import models, perf  # noqa: E402
+from rlhf_jax.models import TransformerConfig  # noqa: E402
+
+SHAPES = {
+    "small": dict(num_layers=4, hidden_size=256, num_heads=4, vocab_size=2048),
+    "base": dict(num_layers=12, hidden_size=768, num_heads=12, vocab_size=8192),
+}
+BATCH = 16
+NEW_TOKENS = 64
+PROMPT_LENGTHS = (16, 32)  # inclusive range of real prompt tokens
+PAD, BOS, EOS = 0, 1, 2
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def model_config(shape: str) -> TransformerConfig:
+    s = SHAPES[shape]
+    return TransformerConfig(
+        family="gpt2", intermediate_size=4 * s["hidden_size"], max_position_embeddings=256,
+        qkv_bias=True, tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=BOS,
+        eos_token_id=EOS, **s,
+    )
+
+
+def make_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """BATCH random prompts, lengths spread over PROMPT_LENGTHS (both ends included)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = PROMPT_LENGTHS
+    lengths = rng.integers(lo, hi + 1, BATCH)
+    lengths[:2] = (lo, hi)
+    return [rng.integers(3, vocab_size, n).tolist() for n in lengths]
+
+
+def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
+    import torch
+    import transformers
+
+    cfg = model_config(shape)
+    load_before = perf.load_average()
+    log(f"{shape}: building {cfg.num_layers} layers, width {cfg.hidden_size}, vocab {cfg.vocab_size}")
+    path = os.path.join(tmp, shape)
+    model, params = models.init_model(cfg, head="lm", seed=0)
+    models.save_hf(path, model, params)
+    del params
+    model, params = models.load_hf(path, head="lm")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+
+    prompts = make_prompts(cfg.vocab_size)
+    sampling = gen.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=0,
+                                  top_p=1.0, stop_at_eos=False, prompt_bucket=0)
+    ids, mask = gen.pad_prompts(prompts, sampling.prompt_bucket, PAD)  # [B, P] left-padded
+    width = ids.shape[1]
+    ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    mask_t = torch.tensor(mask, dtype=torch.long)
+
+    # Same weights: the two models' logits on the prompts agree (positions count real tokens,
+    # as `generate` computes them in both libraries).
+    pos_t = (mask_t.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        theirs_logits = hf(input_ids=ids_t, attention_mask=mask_t, position_ids=pos_t).logits.numpy()
+    ours_logits = np.asarray(model.apply({"params": params}, ids_j, mask_j))
+    real = mask.astype(bool)
+    logits_diff = float(np.abs(ours_logits[real] - theirs_logits[real]).max())
+    log(f"{shape}: max |logits ours - transformers| at real tokens = {logits_diff:.2e}")
+
+    ours_fn = gen.make_generate_fn(model, sampling)
+    prefill_fn = gen.make_generate_fn(model, gen.SamplingConfig(
+        max_new_tokens=1, temperature=1.0, stop_at_eos=False, prompt_bucket=0))
+
+    def ours(fn, seed):
+        start = time.perf_counter()
+        out = fn(params, ids_j, mask_j, jax.random.key(seed))
+        out.tokens.block_until_ready()
+        return time.perf_counter() - start, out
+
+    def theirs(seed):
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(
+                input_ids=ids_t, attention_mask=mask_t, do_sample=True, temperature=1.0,
+                top_k=0, top_p=1.0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                pad_token_id=PAD, use_cache=True,
+            )
+        elapsed = time.perf_counter() - start
+        assert out.shape == (BATCH, width + NEW_TOKENS), out.shape
+        return elapsed
+
+    first_s, out = ours(ours_fn, 0)
+    assert int(out.num_steps) == NEW_TOKENS and (np.asarray(out.lengths) == NEW_TOKENS).all()
+    prefill_first_s, _ = ours(prefill_fn, 0)
+    theirs_first_s = theirs(0)  # transformers' warm-up call
+    log(f"{shape}: first calls (ours incl. compile {first_s:.2f} s, prefill-only "
+        f"{prefill_first_s:.2f} s, transformers {theirs_first_s:.2f} s)")
+    # The machine's rates are measured between the timed calls too, so that they see the
+    # same load as the calls (the machine may be shared).
+    shapes = perf.matmul_shapes(cfg, BATCH) + perf.matmul_shapes(cfg, BATCH * width)
+    times = {"ours": [], "transformers": [], "ours_prefill": []}
+    rates = {f"{m}x{k}x{n}": [] for m, k, n in shapes}
+    bandwidth = []
+    for i in range(1, repeats + 1):
+        times["ours"].append(ours(ours_fn, i)[0])
+        times["transformers"].append(theirs(i))
+        times["ours_prefill"].append(ours(prefill_fn, i)[0])
+        for m, k, n in shapes:
+            rates[f"{m}x{k}x{n}"].append(perf.matmul_flops_per_s(m, k, n, repeats=3))
+        bandwidth.append(perf.memory_bandwidth_bytes_per_s(repeats=3))
+        log(f"{shape}: repeat {i}/{repeats}: ours {times['ours'][-1]:.3f} s, transformers "
+            f"{times['transformers'][-1]:.3f} s, ours prefill-only {times['ours_prefill'][-1]:.3f} s, "
+            f"best matmul {max(r[-1] for r in rates.values()) / 1e9:.0f} GFLOP/s, "
+            f"read {bandwidth[-1] / 1e9:.1f} GB/s")
+
+    new = BATCH * NEW_TOKENS
+    t_ours, t_theirs = perf.median(times["ours"]), perf.median(times["transformers"])
+    t_prefill = perf.median(times["ours_prefill"])
+    ours_tps, theirs_tps = new / t_ours, new / t_theirs
+    decode_tps = BATCH * (NEW_TOKENS - 1) / max(t_ours - t_prefill, 1e-9)
+
+    flops_per_s = max(perf.median(r) for r in rates.values())
+    bytes_per_s = perf.median(bandwidth)
+    prompt_len = float(np.mean([len(p) for p in prompts]))
+    context = prompt_len + NEW_TOKENS / 2  # mean context of the decode steps
+    bounds = perf.decode_bounds(cfg, BATCH, int(round(context)), flops_per_s, bytes_per_s)
+    ceiling = perf.generate_ceiling_tokens_per_s(cfg, BATCH, prompt_len, NEW_TOKENS,
+                                                 flops_per_s, bytes_per_s)
+    return {
+        "shape": shape,
+        "config": {k: (v.value if hasattr(v, "value") else v)
+                   for k, v in vars(cfg).items() if k != "rope_scaling"},
+        "num_params": cfg.num_params,
+        "batch": BATCH,
+        "prompt_lengths": [len(p) for p in prompts],
+        "prompt_width": width,
+        "new_tokens": NEW_TOKENS,
+        "logits_max_abs_diff": logits_diff,
+        "times_s": times,
+        "first_call_s": {"ours": first_s, "ours_prefill": prefill_first_s,
+                         "transformers": theirs_first_s},
+        "ours_compile_s": first_s - t_ours,
+        "ours_tokens_per_s": ours_tps,
+        "transformers_tokens_per_s": theirs_tps,
+        "ratio": ours_tps / theirs_tps,
+        "ours_prefill_s": t_prefill,
+        "ours_decode_tokens_per_s": decode_tps,
+        "times_summary": {k: perf.summary(v) for k, v in times.items()},
+        "matmul_flops_per_s": rates,
+        "flops_per_s": flops_per_s,
+        "bandwidth_bytes_per_s_raw": bandwidth,
+        "bandwidth_bytes_per_s": bytes_per_s,
+        "decode_context": context,
+        "decode_ceiling": bounds,
+        "generate_ceiling_tokens_per_s": ceiling,
+        "fraction_of_ceiling": ours_tps / ceiling,
+        "decode_fraction_of_ceiling": decode_tps / bounds["tokens_per_s"],
+        "load_average": {"before": load_before, "after": perf.load_average()},
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| shape | ours tok/s | transformers tok/s | ratio | our compile s | ceiling tok/s "
+            "| ours / ceiling | ours decode tok/s | decode ceiling tok/s (bound) | decode / ceiling |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        d = r["decode_ceiling"]
+        lines.append(
+            f"| {r['shape']} | {r['ours_tokens_per_s']:.0f} | {r['transformers_tokens_per_s']:.0f} "
+            f"| {r['ratio']:.2f}× | {r['ours_compile_s']:.1f} | {r['generate_ceiling_tokens_per_s']:.0f} "
+            f"| {100 * r['fraction_of_ceiling']:.0f}% | {r['ours_decode_tokens_per_s']:.0f} "
+            f"| {d['tokens_per_s']:.0f} ({d['bound']}) | {100 * r['decode_fraction_of_ceiling']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls of each engine per shape")
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count(),
+                    help="torch.set_num_threads for transformers (default: all CPUs)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/generate_<device>.json)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    shapes = list(SHAPES) if args.shape == "all" else [args.shape]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [bench_shape(s, args.repeats, tmp) for s in shapes]
+    device = perf.device_label()
+    out = args.out or os.path.join(RESULTS, f"generate_{device}.json")
+    result = {
+        "benchmark": "generate",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "device": device,
+        "environment": perf.environment(),
+        "torch_threads": torch.get_num_threads(),
+        "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "kv_cache": True,
+                     "stop": "none (ours stop_at_eos=False; transformers min_new_tokens=64)"},
+        "batch": BATCH,
+        "new_tokens": NEW_TOKENS,
+        "repeats": args.repeats,
+        "shapes": rows,
+    }
+    if os.path.exists(out) and args.shape != "all":  # keep the other shapes' latest rows
+        with open(out) as f:
+            old = json.load(f)
+        kept = [r for r in old.get("shapes", []) if r["shape"] not in shapes]
+        result["shapes"] = sorted(kept + rows, key=lambda r: list(SHAPES).index(r["shape"]))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(table(result["shapes"]))
+    loads = [r["load_average"]["before"][0] for r in rows if r["load_average"]["before"]]
+    print(f"\n{device}, float32, batch {BATCH}, prompts {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} "
+          f"tokens, {NEW_TOKENS} new tokens, median of {args.repeats}, torch threads "
+          f"{torch.get_num_threads()}, 1-min load average at start {loads}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
