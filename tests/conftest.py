@@ -24,6 +24,27 @@ import pytest  # noqa: E402
 FAMILIES = ("gpt2", "llama", "qwen2")
 
 
+# Ragged response masks for the loss / advantage tests: two full rows, an empty row, others.
+LENGTHS = [9, 4, 0, 6, 1, 9, 3]
+
+
+def response_mask(lengths=LENGTHS, t=9):
+    return (np.arange(t)[None, :] < np.asarray(lengths)[:, None]).astype(np.float32)
+
+
+def with_garbage(x, mask, seed=0):
+    """x at real positions; huge values and NaN at padding (broadcast over trailing axes)."""
+    rng = np.random.default_rng(seed)
+    junk = rng.normal(size=x.shape) * 1e4
+    junk[rng.uniform(size=x.shape) < 0.3] = np.nan
+    m = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+    return np.where(m > 0, x, junk).astype(np.float32)
+
+
+def normal(*shape, seed, loc=0.0, scale=1.0):
+    return np.random.default_rng(seed).normal(loc, scale, size=shape).astype(np.float32)
+
+
 def hf_config(family: str, num_labels: int = 1, **kw):
     """A tiny transformers config; weights drawn wide (std 0.2) so attention is far from uniform."""
     import transformers as T

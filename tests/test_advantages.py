@@ -11,27 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import LENGTHS, normal, response_mask, with_garbage
 from rlhf_jax import advantages as adv
 
-LENGTHS = [9, 4, 0, 6, 1, 9, 3]  # two full rows, an empty row, ragged ones
 B, T = len(LENGTHS), 9
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def response_mask(lengths=LENGTHS, t=T):
-    return (np.arange(t)[None, :] < np.asarray(lengths)[:, None]).astype(np.float32)
-
-
-def with_garbage(x, mask, seed=0):
-    """x at real positions; huge values and NaN at padding."""
-    rng = np.random.default_rng(seed)
-    junk = rng.normal(size=x.shape) * 1e4
-    junk[rng.uniform(size=x.shape) < 0.3] = np.nan
-    return np.where(mask > 0, x, junk).astype(np.float32)
-
-
-def normal(*shape, seed, loc=0.0, scale=1.0):
-    return np.random.default_rng(seed).normal(loc, scale, size=shape).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
