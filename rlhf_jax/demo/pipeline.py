@@ -34,9 +34,12 @@ from rlhf_jax.checkpoint import CheckpointConfig
 from rlhf_jax.config import ConfigError, check
 from rlhf_jax.data import DataConfig
 from rlhf_jax.data.prompts import PromptDataConfig
+from rlhf_jax.data.sft import SFTDataConfig
 from rlhf_jax.demo import world
 from rlhf_jax.generate import SamplingConfig, make_generate_fn, pad_prompts
+from rlhf_jax.logging import read_jsonl
 from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.trainer import ModelConfig
 from rlhf_jax.tiny import tiny_config, train_tokenizer
 
 
@@ -281,15 +284,27 @@ def run(cfg: DemoConfig, out_dir: str, quiet_log: Callable[[str], None]) -> dict
     models.save_hf(dirs["base"], model, params, tokenizer)
     times["pretrain"] = time.time() - t
 
-    # 2. SFT
+    # 2. SFT through the sft trainer, on demonstrations written as a user's jsonl would be
     t = time.time()
-    demos = world.demonstrations(rng, cfg.sft_examples)
-    sft_data = encode_completions(tokenizer, [d["prompt"] for d in demos],
-                                  [d["completion"] for d in demos], cfg.seq_len)
-    params, sft_losses = fit(model, params, sft_data, cfg.sft_steps, cfg.learning_rate / 3,
-                             cfg.batch_size, rng, "2/6 SFT on demonstrations")
-    models.save_hf(dirs["sft"], model, params, tokenizer)
-    sft_params = params
+    demos_path = os.path.join(data_dir, "demonstrations.jsonl")
+    with open(demos_path, "w", encoding="utf-8") as f:
+        for d in world.demonstrations(rng, cfg.sft_examples):
+            f.write(json.dumps(d) + "\n")
+    sft_cfg = sft.SFTConfig(
+        out_dir=os.path.join(out_dir, "runs", "sft"), seed=cfg.seed,
+        model=ModelConfig(path=dirs["base"]),
+        data=SFTDataConfig(train=demos_path, max_length=cfg.seq_len),
+        optim=OptimizerConfig(learning_rate=cfg.learning_rate / 3, schedule="cosine",
+                              warmup_steps=cfg.sft_steps // 10, b2=0.99),
+        batch_size=cfg.batch_size, steps=cfg.sft_steps, log_every=1,
+        checkpoint=CheckpointConfig(every=0, resume=False),
+    )
+    sft_result = sft.train(sft_cfg, log=quiet_log, progress_desc="2/6 SFT on demonstrations")
+    _move(sft_result["export"], dirs["sft"])
+    _, sft_params = models.load_hf(dirs["sft"])
+    sft_losses = [r["train/loss"] for r in read_jsonl(os.path.join(sft_cfg.out_dir,
+                                                                   "metrics.jsonl"))
+                  if "train/loss" in r]
     times["sft"] = time.time() - t
 
     # 3. preferences (and the prompt sets of PPO and evaluation)
@@ -308,7 +323,7 @@ def run(cfg: DemoConfig, out_dir: str, quiet_log: Callable[[str], None]) -> dict
     t = time.time()
     rm_cfg = rm.RMConfig(
         out_dir=os.path.join(out_dir, "runs", "rm"), seed=cfg.seed,
-        model=rm.ModelConfig(path=dirs["sft"]),
+        model=ModelConfig(path=dirs["sft"]),
         data=DataConfig(train=os.path.join(data_dir, "preferences.jsonl"), eval_fraction=0.1,
                         max_length=cfg.seq_len + PROMPT_WIDTH, on_bad_row="drop"),
         optim=OptimizerConfig(learning_rate=cfg.rm_learning_rate, schedule="cosine",
@@ -421,8 +436,6 @@ def _plots(out_dir: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from rlhf_jax.logging import read_jsonl
 
     plot_dir = os.path.join(out_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
