@@ -16,7 +16,6 @@ COMMANDS = {
     "rm": ("rlhf_jax.rm", "train a reward model on preference pairs"),
     "ppo": ("rlhf_jax.ppo_loop", "fine-tune a policy with PPO against a reward model"),
     "generate": ("rlhf_jax.generate", "sample completions for a file of prompts"),
-    "bench": ("rlhf_jax.bench", "throughput benchmarks (see benchmarks/)"),
 }
 
 

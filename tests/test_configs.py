@@ -25,3 +25,12 @@ def test_config_loads_and_names_its_command(path):
     module = importlib.import_module(cli.COMMANDS[command][0])
     cfg = config.load(module.CONFIG_CLASS, path)
     assert config.from_dict(module.CONFIG_CLASS, config.to_dict(cfg)) == cfg
+
+
+def test_every_command_module_has_a_cli():
+    import importlib
+
+    from rlhf_jax.cli import COMMANDS
+
+    for name, (module, _) in COMMANDS.items():
+        assert callable(importlib.import_module(module).cli), name
