@@ -39,6 +39,7 @@ from rlhf_jax.trainer import (  # noqa: F401 - ArchConfig, ModelConfig, create_s
     create_state,
     fit,
     load_tokenizer,
+    sum_over_epoch,
 )
 
 # ----------------------------------------------------------------------------- config
@@ -214,13 +215,9 @@ def compile_steps(cfg: RMConfig, model, tx, mesh, state_shardings) -> tuple[Call
 
 def evaluate(eval_fn: Callable, params, data: PreferenceData, mesh) -> dict[str, float]:
     """Means over every held-out pair: loss, bt_loss, accuracy, margin."""
-    total: dict = {}
-    for batch in data.epoch_batches(0):
-        sums = eval_fn(params, shd.shard_batch(batch, mesh))
-        total = sums if not total else jax.tree_util.tree_map(jnp.add, total, sums)
-    host = jax.device_get(total)
-    pairs = max(float(host.pop("pairs")), 1.0)
-    return {k: float(v) / pairs for k, v in host.items()}
+    host = sum_over_epoch(eval_fn, params, data, mesh)
+    pairs = max(host.pop("pairs"), 1.0)
+    return {k: v / pairs for k, v in host.items()}
 
 
 def normalised(model, params, data: PreferenceData, mesh):

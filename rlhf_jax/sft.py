@@ -35,6 +35,7 @@ from rlhf_jax.trainer import (
     Stage,
     fit,
     load_tokenizer,
+    sum_over_epoch,
 )
 from rlhf_jax.runner import run_command
 
@@ -169,13 +170,9 @@ def compile_steps(cfg: SFTConfig, model, tx, mesh, state_shardings) -> tuple[Cal
 
 def evaluate(eval_fn: Callable, params, data: SFTData, mesh) -> dict[str, float]:
     """Means over every held-out target token: loss, accuracy, and perplexity = exp(loss)."""
-    total: dict = {}
-    for batch in data.epoch_batches(0):
-        sums = eval_fn(params, shd.shard_batch(batch, mesh))
-        total = sums if not total else jax.tree_util.tree_map(jnp.add, total, sums)
-    host = jax.device_get(total)
-    tokens = max(float(host.pop("tokens")), 1.0)
-    out = {k: float(v) / tokens for k, v in host.items()}
+    host = sum_over_epoch(eval_fn, params, data, mesh)
+    tokens = max(host.pop("tokens"), 1.0)
+    out = {k: v / tokens for k, v in host.items()}
     return {**out, "perplexity": float(np.exp(min(out["loss"], 50.0)))}
 
 

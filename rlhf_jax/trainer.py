@@ -165,6 +165,17 @@ class Throughput:
         return out
 
 
+def sum_over_epoch(eval_fn: Callable, params, data, mesh) -> dict:
+    """Host sums of `eval_fn(params, batch)` (a dict of sums) over every batch of one epoch."""
+    import jax.numpy as jnp
+
+    total: dict = {}
+    for batch in data.epoch_batches(0):
+        sums = eval_fn(params, shd.shard_batch(batch, mesh))
+        total = sums if not total else jax.tree_util.tree_map(jnp.add, total, sums)
+    return {k: float(v) for k, v in jax.device_get(total).items()}
+
+
 def prefixed(metrics: dict, prefix: str) -> dict[str, float]:
     """{"prefix/key": float} of a metrics dict."""
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}

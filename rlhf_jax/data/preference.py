@@ -141,13 +141,7 @@ def load_preferences(
     count = jax.process_count() if process_count is None else process_count
     if batch_size % count:
         raise DataError(f"batch size {batch_size} does not split over {count} hosts")
-    train_ds = sources.load_rows(cfg.train, cfg.train_split)
-    eval_ds, eval_name = None, ""
-    if cfg.eval:
-        eval_ds, eval_name = sources.load_rows(cfg.eval, cfg.eval_split), cfg.eval
-    elif cfg.eval_fraction > 0:
-        train_ds, eval_ds = sources.hold_out(train_ds, cfg.eval_fraction, seed)
-        eval_name = f"{cfg.train} (held-out {cfg.eval_fraction:g})"
+    train_ds, eval_ds, eval_name = sources.train_and_eval(cfg, seed)
     _, _, pad = special_ids(tokenizer, cfg.add_bos, cfg.add_eos)
     buckets = cfg.bucket_lengths()
     extra = {} if agree is None else {"agree": agree}

@@ -153,3 +153,15 @@ def host_slice(ds, index: Optional[int] = None, count: Optional[int] = None):
     if count == 1:
         return ds
     return ds.shard(num_shards=count, index=index, contiguous=True)
+
+
+def train_and_eval(cfg, seed: int):
+    """(training rows, held-out rows or None, the held-out split's name) of a data config
+    with `train`/`train_split`, `eval`/`eval_split` and `eval_fraction`."""
+    train_ds = load_rows(cfg.train, cfg.train_split)
+    if cfg.eval:
+        return train_ds, load_rows(cfg.eval, cfg.eval_split), cfg.eval
+    if cfg.eval_fraction > 0:
+        train_ds, eval_ds = hold_out(train_ds, cfg.eval_fraction, seed)
+        return train_ds, eval_ds, f"{cfg.train} (held-out {cfg.eval_fraction:g})"
+    return train_ds, None, ""
