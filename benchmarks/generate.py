@@ -20,7 +20,6 @@ prints a Markdown table (stdout); progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,43 +33,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rlhf_jax import generate as gen  # noqa: E402
 from rlhf_jax import models, perf  # noqa: E402
-from rlhf_jax.models import TransformerConfig  # noqa: E402
+from common import (BATCH, PAD, PROMPT_LENGTHS, RESULTS, SHAPES,  # noqa: E402
+                    log, make_prompts, model_config, run_record, write_results)
 
-SHAPES = {
-    "small": dict(num_layers=4, hidden_size=256, num_heads=4, vocab_size=2048),
-    "base": dict(num_layers=12, hidden_size=768, num_heads=12, vocab_size=8192),
-}
-BATCH = 16
 NEW_TOKENS = 64
-PROMPT_LENGTHS = (16, 32)  # inclusive range of real prompt tokens
-PAD, BOS, EOS = 0, 1, 2
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def model_config(shape: str) -> TransformerConfig:
-    s = SHAPES[shape]
-    return TransformerConfig(
-        family="gpt2", intermediate_size=4 * s["hidden_size"], max_position_embeddings=256,
-        qkv_bias=True, tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=BOS,
-        eos_token_id=EOS, **s,
-    )
-
-
-def make_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
-    """BATCH random prompts, lengths spread over PROMPT_LENGTHS (both ends included)."""
-    rng = np.random.default_rng(seed)
-    lo, hi = PROMPT_LENGTHS
-    lengths = rng.integers(lo, hi + 1, BATCH)
-    lengths[:2] = (lo, hi)
-    return [rng.integers(3, vocab_size, n).tolist() for n in lengths]
 
 
 def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
@@ -228,14 +198,10 @@ def main(argv=None) -> int:
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
     with tempfile.TemporaryDirectory() as tmp:
         rows = [bench_shape(s, args.repeats, tmp) for s in shapes]
-    device = perf.device_label()
+    result = run_record("generate")
+    device = result["device"]
     out = args.out or os.path.join(RESULTS, f"generate_{device}.json")
-    result = {
-        "benchmark": "generate",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "device": device,
-        "environment": perf.environment(),
+    result.update({
         "torch_threads": torch.get_num_threads(),
         "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "kv_cache": True,
                      "stop": "none (ours stop_at_eos=False; transformers min_new_tokens=64)"},
@@ -243,15 +209,8 @@ def main(argv=None) -> int:
         "new_tokens": NEW_TOKENS,
         "repeats": args.repeats,
         "shapes": rows,
-    }
-    if os.path.exists(out) and args.shape != "all":  # keep the other shapes' latest rows
-        with open(out) as f:
-            old = json.load(f)
-        kept = [r for r in old.get("shapes", []) if r["shape"] not in shapes]
-        result["shapes"] = sorted(kept + rows, key=lambda r: list(SHAPES).index(r["shape"]))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    })
+    write_results(out, result, shapes)
     print(table(result["shapes"]))
     loads = [r["load_average"]["before"][0] for r in rows if r["load_average"]["before"]]
     print(f"\n{device}, float32, batch {BATCH}, prompts {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} "

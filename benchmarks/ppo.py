@@ -51,7 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 from rlhf_jax import models, optim, perf  # noqa: E402
 from rlhf_jax import ppo as ppo_lib  # noqa: E402
@@ -60,38 +60,20 @@ from rlhf_jax.models import TransformerConfig, flops_per_token  # noqa: E402
 from rlhf_jax.optim import OptimizerConfig  # noqa: E402
 from rlhf_jax.ppo_loop import PPOEngine  # noqa: E402
 
-SHAPES = {
-    "small": dict(num_layers=4, hidden_size=256, num_heads=4, vocab_size=2048),
-    "base": dict(num_layers=12, hidden_size=768, num_heads=12, vocab_size=8192),
-}
-BATCH = 16
+from common import (BATCH, EOS, PAD, PROMPT_LENGTHS, RESULTS, SHAPES,  # noqa: E402
+                    log, make_prompts, model_config, run_record, write_results)
+
 NEW_TOKENS = 32
-PROMPT_LENGTHS = (16, 32)  # inclusive range of real prompt tokens
 PPO_EPOCHS = 4
 MINIBATCHES = 1
 LEARNING_RATE = 3e-6
-PAD, BOS, EOS = 0, 1, 2
-RESULTS = os.path.join(HERE, "results")
 PEER_DIR = os.path.join(HERE, "peers")
 PEER_PYTHON = os.path.join(PEER_DIR, ".venv-trl", "bin", "python")
 PHASES = ("generate", "score", "update")
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Shared with benchmarks/reward.py.
-
-
-def model_config(shape: str) -> TransformerConfig:
-    s = SHAPES[shape]
-    return TransformerConfig(
-        family="gpt2", intermediate_size=4 * s["hidden_size"], max_position_embeddings=256,
-        qkv_bias=True, tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=BOS,
-        eos_token_id=EOS, **s,
-    )
 
 
 def save_tokenizer(path: str):
@@ -212,16 +194,6 @@ def peer_versions() -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # PPO.
-
-
-def make_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
-    """BATCH random prompts, lengths spread over PROMPT_LENGTHS (both ends included); ids ≥ 3
-    (no pad / bos / eos inside a prompt)."""
-    rng = np.random.default_rng(seed)
-    lo, hi = PROMPT_LENGTHS
-    lengths = rng.integers(lo, hi + 1, BATCH)
-    lengths[:2] = (lo, hi)
-    return [rng.integers(3, vocab_size, n).tolist() for n in lengths]
 
 
 def ppo_flops(cfg: TransformerConfig, prompt_width: int) -> dict:
@@ -402,17 +374,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="JSON path (default benchmarks/results/ppo_<device>.json)")
     args = ap.parse_args(argv)
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
-    os.makedirs(RESULTS, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [bench_shape(s, args.repeats, tmp, args.peer_threads) for s in shapes]
-    device = perf.device_label()
+    result = run_record("ppo")
+    device = result["device"]
     out = args.out or os.path.join(RESULTS, f"ppo_{device}.json")
-    result = {
-        "benchmark": "ppo",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "device": device,
-        "environment": perf.environment(),
+    result.update({
         "peer": {"name": "trl.PPOTrainer", "versions": peer_versions(),
                  "torch_threads": rows[0]["trl"]["raw"]["torch_threads"]},
         "settings": {"batch": BATCH, "new_tokens": NEW_TOKENS, "prompt_lengths": PROMPT_LENGTHS,
@@ -421,14 +388,8 @@ def main(argv=None) -> int:
                      "kl_estimator": "k1", "critic": "separate (starts from the reward model)",
                      "optimizer": "AdamW, lr 3e-6, no clipping"},
         "shapes": rows,
-    }
-    if os.path.exists(out) and args.shape != "all":  # keep the other shapes' latest rows
-        with open(out) as f:
-            old = json.load(f)
-        kept = [r for r in old.get("shapes", []) if r["shape"] not in shapes]
-        result["shapes"] = sorted(kept + rows, key=lambda r: list(SHAPES).index(r["shape"]))
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    })
+    write_results(out, result, shapes)
     print(table(result["shapes"]))
     print(f"\n{device}, float32, batch {BATCH}, prompts {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} "
           f"tokens, {NEW_TOKENS} new tokens, {PPO_EPOCHS} epochs × {MINIBATCHES} minibatch; "

@@ -35,9 +35,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from ppo import (SHAPES, ceiling_flops_per_s, log, model_config,  # noqa: E402
-                 model_flops_per_token, peer_versions, run_lockstep, same_weights_check,
-                 save_tokenizer)
+from common import (RESULTS, SHAPES, log, model_config, run_record,  # noqa: E402
+                    write_results)
+from ppo import (ceiling_flops_per_s, model_flops_per_token, peer_versions,  # noqa: E402
+                 run_lockstep, same_weights_check, save_tokenizer)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -49,7 +50,6 @@ from rlhf_jax.optim import OptimizerConfig  # noqa: E402
 PAIRS = 16
 SEQ_LEN = 64
 LEARNING_RATE = 1e-5
-RESULTS = os.path.join(HERE, "results")
 
 
 def make_pairs(vocab_size: int, steps: int, seed: int = 0) -> list[dict]:
@@ -189,31 +189,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="JSON path (default benchmarks/results/reward_<device>.json)")
     args = ap.parse_args(argv)
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
-    os.makedirs(RESULTS, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [bench_shape(s, args.repeats, tmp, args.peer_threads) for s in shapes]
-    device = perf.device_label()
+    result = run_record("reward")
+    device = result["device"]
     out = args.out or os.path.join(RESULTS, f"reward_{device}.json")
-    result = {
-        "benchmark": "reward",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "device": device,
-        "environment": perf.environment(),
+    result.update({
         "peer": {"name": "trl.RewardTrainer", "versions": peer_versions(),
                  "torch_threads": rows[0]["trl"]["raw"]["torch_threads"]},
         "settings": {"pairs": PAIRS, "sequence_length": SEQ_LEN, "dtype": "float32",
                      "optimizer": "AdamW, lr 1e-5, β2 0.999, clip 1.0",
                      "gradient_checkpointing": False},
         "shapes": rows,
-    }
-    if os.path.exists(out) and args.shape != "all":
-        with open(out) as f:
-            old = json.load(f)
-        kept = [r for r in old.get("shapes", []) if r["shape"] not in shapes]
-        result["shapes"] = sorted(kept + rows, key=lambda r: list(SHAPES).index(r["shape"]))
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    })
+    write_results(out, result, shapes)
     print(table(result["shapes"]))
     print(f"\n{device}, float32, {PAIRS} pairs × 2 × {SEQ_LEN} tokens per step; steady state = "
           f"median of {args.repeats} steps after the first; wrote {out}")

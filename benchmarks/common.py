@@ -1,0 +1,73 @@
+"""What the benchmark scripts share: model shapes, random prompts, and the JSON record."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from rlhf_jax import perf  # noqa: E402
+from rlhf_jax.models import TransformerConfig  # noqa: E402
+
+SHAPES = {
+    "small": dict(num_layers=4, hidden_size=256, num_heads=4, vocab_size=2048),
+    "base": dict(num_layers=12, hidden_size=768, num_heads=12, vocab_size=8192),
+}
+BATCH = 16
+PROMPT_LENGTHS = (16, 32)  # inclusive range of real prompt tokens
+PAD, BOS, EOS = 0, 1, 2
+RESULTS = os.path.join(HERE, "results")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def model_config(shape: str) -> TransformerConfig:
+    """The GPT-2-shaped model of `shape` (MLP 4 × width, 256 positions, tied embeddings)."""
+    s = SHAPES[shape]
+    return TransformerConfig(
+        family="gpt2", intermediate_size=4 * s["hidden_size"], max_position_embeddings=256,
+        qkv_bias=True, tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=BOS,
+        eos_token_id=EOS, **s,
+    )
+
+
+def make_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """BATCH random prompts, lengths spread over PROMPT_LENGTHS (both ends included); ids ≥ 3
+    (no pad / bos / eos inside a prompt)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = PROMPT_LENGTHS
+    lengths = rng.integers(lo, hi + 1, BATCH)
+    lengths[:2] = (lo, hi)
+    return [rng.integers(3, vocab_size, n).tolist() for n in lengths]
+
+
+def run_record(benchmark: str) -> dict:
+    """The head of a result file: benchmark, command, date, device and environment."""
+    return {
+        "benchmark": benchmark,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "device": perf.device_label(),
+        "environment": perf.environment(),
+    }
+
+
+def write_results(out: str, result: dict, shapes: list[str]) -> None:
+    """Writes `result` to `out`; rows of shapes not run this time are kept from the old file."""
+    if os.path.exists(out) and len(shapes) < len(SHAPES):
+        with open(out) as f:
+            old = json.load(f)
+        kept = [r for r in old.get("shapes", []) if r["shape"] not in shapes]
+        result["shapes"] = sorted(kept + result["shapes"],
+                                  key=lambda r: list(SHAPES).index(r["shape"]))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
