@@ -38,6 +38,7 @@ from rlhf_jax.trainer import (  # noqa: F401 - ArchConfig, ModelConfig, create_s
     Stage,
     create_state,
     fit,
+    jit_steps,
     load_tokenizer,
     sum_over_epoch,
 )
@@ -196,18 +197,10 @@ def batch_shardings(mesh) -> dict:
 def compile_steps(cfg: RMConfig, model, tx, mesh, state_shardings) -> tuple[Callable, Callable]:
     """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
     loss_args = {"margin_scale": cfg.margin_scale, "center_coef": cfg.center_coef}
-    train = jax.jit(
+    return jit_steps(
         functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.grad_accum, **loss_args),
-        in_shardings=(state_shardings, batch_shardings(mesh)),
-        out_shardings=(state_shardings, shd.replicated(mesh)),
-        donate_argnums=0,
-    )
-    evaluate = jax.jit(
         functools.partial(eval_step, model=model, **loss_args),
-        in_shardings=(state_shardings.params, batch_shardings(mesh)),
-        out_shardings=shd.replicated(mesh),
-    )
-    return train, evaluate
+        state_shardings, batch_shardings(mesh), mesh)
 
 
 # ----------------------------------------------------------------------------- loop

@@ -34,6 +34,7 @@ from rlhf_jax.trainer import (
     RunConfig,
     Stage,
     fit,
+    jit_steps,
     load_tokenizer,
     sum_over_epoch,
 )
@@ -151,18 +152,9 @@ def compile_steps(cfg: SFTConfig, model, tx, mesh, state_shardings) -> tuple[Cal
     keys = ("input_ids", "attention_mask", "loss_mask") + (
         ("segment_ids",) if cfg.data.packing else ())
     batch_shardings = {k: shd.batch_sharding(mesh, 2) for k in keys}
-    train = jax.jit(
+    return jit_steps(
         functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.grad_accum),
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, shd.replicated(mesh)),
-        donate_argnums=0,
-    )
-    evaluate = jax.jit(
-        functools.partial(eval_step, model=model),
-        in_shardings=(state_shardings.params, batch_shardings),
-        out_shardings=shd.replicated(mesh),
-    )
-    return train, evaluate
+        functools.partial(eval_step, model=model), state_shardings, batch_shardings, mesh)
 
 
 # ----------------------------------------------------------------------------- loop

@@ -114,6 +114,19 @@ def create_state(model, params, tx, mesh, rules=shd.DEFAULT_RULES):
     return state, shardings
 
 
+def jit_steps(train_step, eval_step, state_shardings, batch_shardings, mesh):
+    """(train, evaluate) jitted with explicit shardings; the train state is donated.
+
+    `train_step(state, batch) -> (state, metrics)`, `eval_step(params, batch) -> sums`.
+    """
+    replicated = shd.replicated(mesh)
+    train = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings),
+                       out_shardings=replicated)
+    return train, evaluate
+
+
 def matmul_ceiling() -> float:
     """The machine's measured float32 matmul rate (bfloat16 on accelerators): the MFU ceiling."""
     import jax.numpy as jnp

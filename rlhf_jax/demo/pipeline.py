@@ -23,13 +23,13 @@ import functools
 import json
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from rlhf_jax import models, optim, ppo, rm, sft
+from rlhf_jax import models, optim, ppo, ppo_loop, rm, sft
 from rlhf_jax.checkpoint import CheckpointConfig
 from rlhf_jax.config import ConfigError, check
 from rlhf_jax.data import DataConfig
@@ -118,24 +118,12 @@ PROMPT_WIDTH = 16  # prompt bucket: every demo prompt is shorter
 
 def encode_documents(tokenizer, texts: list[str], seq_len: int) -> dict[str, np.ndarray]:
     """Pretraining rows: right-padded [N, seq_len] `[BOS] text [EOS]`, loss on every token."""
-    return encode_completions(tokenizer, [""] * len(texts), texts, seq_len)
-
-
-def encode_completions(tokenizer, prompts: list[str], completions: list[str],
-                       seq_len: int) -> dict[str, np.ndarray]:
-    """SFT rows `[BOS] prompt completion [EOS]` (prompt and completion tokenised apart, as
-    the preference and prompt data are); the loss covers the completion and EOS."""
-    pad, bos, eos = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
-    ids = np.full((len(prompts), seq_len), pad, np.int32)
-    loss = np.zeros_like(ids)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        head = [bos] + (tokenizer(p, add_special_tokens=False)["input_ids"] if p else [])
-        tail = tokenizer(c, add_special_tokens=False)["input_ids"] + [eos]
-        row = (head + tail)[:seq_len]
-        ids[i, :len(row)] = row
-        loss[i, len(head):len(row)] = 1
-    mask = (ids != pad).astype(np.int32)  # pad is a special token no text encodes to
-    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss * mask}
+    rows = [[tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id]
+            for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    ids, mask = _right_pad(rows, tokenizer.pad_token_id, seq_len, width=seq_len)
+    loss = mask.copy()
+    loss[:, 0] = 0  # BOS is never a target
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss}
 
 
 def fit(model, params, data: dict, steps: int, lr: float, batch_size: int,
@@ -168,9 +156,15 @@ class Sampler:
                                    eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id)
 
-    def __call__(self, params, prompts: list[str], seed: int) -> list[str]:
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        """`[BOS] prompt` token lists, the layout the PPO prompts use."""
         tok = self.tokenizer
-        rows = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return [[tok.bos_token_id] + ids
+                for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+
+    def __call__(self, params, rows: list[list[int]], seed: int) -> list[str]:
+        """One response per encoded prompt in `rows`."""
+        tok = self.tokenizer
         out: list[str] = []
         for n, lo in enumerate(range(0, len(rows), self.batch_size)):
             chunk = rows[lo:lo + self.batch_size]
@@ -179,6 +173,24 @@ class Sampler:
             out += [tok.decode(ro.tokens[i, :ro.lengths[i]], skip_special_tokens=True)
                     for i in range(len(chunk))]
         return out
+
+
+class RewardScorer:
+    """RM scores of (prompt, response) texts, laid out `[BOS] prompt response [EOS]` as the
+    preference data are, cut at `limit` tokens."""
+
+    def __init__(self, model_dir: str, tokenizer, limit: int):
+        self.tokenizer, self.limit = tokenizer, limit
+        model, self.params = models.load_hf(model_dir)
+        self.fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m))
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        tok = self.tokenizer
+        heads = tok(list(prompts), add_special_tokens=False)["input_ids"]
+        tails = tok(list(responses), add_special_tokens=False)["input_ids"]
+        rows = [[tok.bos_token_id] + h + t + [tok.eos_token_id] for h, t in zip(heads, tails)]
+        ids, mask = _right_pad(rows, tok.pad_token_id, self.limit)
+        return np.asarray(self.fn(self.params, ids, mask))
 
 
 # ----------------------------------------------------------------------------- stages
@@ -191,13 +203,14 @@ def collect_preferences(sampler: Sampler, params, prompts: list[str], cfg: DemoC
     Pairs of identical responses are skipped (nothing to compare). Returns counts and how
     often the noisy label agrees with the gold judge's own ordering.
     """
-    a = sampler(params, prompts, seed=cfg.seed + 1)
-    b = sampler(params, prompts, seed=cfg.seed + 2)
+    rows_in = sampler.encode(prompts)
+    a = sampler(params, rows_in, seed=cfg.seed + 1)
+    b = sampler(params, rows_in, seed=cfg.seed + 2)
     rows, agree, strict = [], 0, 0
     for p, x, y in tqdm(list(zip(prompts, a, b)), desc="3/6 label preferences", unit="pair"):
         if x.strip() == y.strip() or not x.strip() or not y.strip():
             continue
-        first, prob = world.gold_preference(rng, p, x, y, cfg.label_temperature)
+        first, _ = world.gold_preference(rng, p, x, y, cfg.label_temperature)
         chosen, rejected = (x, y) if first else (y, x)
         diff = world.gold_reward(p, chosen) - world.gold_reward(p, rejected)
         if diff != 0:
@@ -211,27 +224,12 @@ def collect_preferences(sampler: Sampler, params, prompts: list[str], cfg: DemoC
     return {"pairs": len(rows), "label_agreement_with_gold": agree / max(strict, 1)}
 
 
-def rm_accuracy_against_gold(model_dir: str, pairs: list[dict], tokenizer) -> dict:
+def rm_accuracy_against_gold(scorer: RewardScorer, pairs: list[dict]) -> dict:
     """The trained RM's accuracy on held-out pairs against the gold judge's ordering (ties
     left out) and against the noisy labels."""
-    model, params = models.load_hf(model_dir)
-    score = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m))
-    bos = tokenizer.bos_token_id
-
-    def scores(texts_prompt, texts_resp):
-        rows = [[bos] + tokenizer(p, add_special_tokens=False)["input_ids"]
-                + tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                for p, r in zip(texts_prompt, texts_resp)]
-        width = max(map(len, rows))
-        ids = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
-        mask = np.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = r, 1
-        return np.asarray(score(params, ids, mask))
-
     prompts = [r["prompt"] for r in pairs]
-    sc = scores(prompts, [r["chosen"] for r in pairs])
-    sr = scores(prompts, [r["rejected"] for r in pairs])
+    sc = scorer(prompts, [r["chosen"] for r in pairs])
+    sr = scorer(prompts, [r["rejected"] for r in pairs])
     gold = np.array([world.gold_reward(r["prompt"], r["chosen"])
                      - world.gold_reward(r["prompt"], r["rejected"]) for r in pairs])
     strict = gold != 0
@@ -245,8 +243,9 @@ def rm_accuracy_against_gold(model_dir: str, pairs: list[dict], tokenizer) -> di
 def evaluate(sampler: Sampler, sft_params, ppo_params, prompts: list[str], seed: int,
              rm_scorer: Callable) -> dict:
     """Gold and RM rewards of both policies on the same prompts, and PPO's gold win rate."""
-    before = sampler(sft_params, prompts, seed)
-    after = sampler(ppo_params, prompts, seed)
+    rows = sampler.encode(prompts)
+    before = sampler(sft_params, rows, seed)
+    after = sampler(ppo_params, rows, seed)
     g0 = np.array([world.gold_reward(p, r) for p, r in zip(prompts, before)])
     g1 = np.array([world.gold_reward(p, r) for p, r in zip(prompts, after)])
     wins = np.mean((g1 > g0) + 0.5 * (g1 == g0))
@@ -334,14 +333,13 @@ def run(cfg: DemoConfig, out_dir: str, quiet_log: Callable[[str], None]) -> dict
     rm_result = rm.train(rm_cfg, log=quiet_log, progress_desc="4/6 reward model")
     _move(rm_result["export"], dirs["reward"])
     held = _held_out_pairs(rm_cfg, data_dir)
-    rm_eval = rm_accuracy_against_gold(dirs["reward"], held, tokenizer)
+    rm_scorer = RewardScorer(dirs["reward"], tokenizer, rm_cfg.data.max_length)
+    rm_eval = rm_accuracy_against_gold(rm_scorer, held)
     rm_eval["accuracy_trainer_eval"] = rm_result["eval"].get("accuracy")
     times["reward_model"] = time.time() - t
 
     # 5. PPO through the ppo trainer, with the gold judge watching each batch
     t = time.time()
-    from rlhf_jax import ppo_loop
-
     ppo_cfg = ppo_loop.PPORunConfig(
         out_dir=os.path.join(out_dir, "runs", "ppo"), seed=cfg.seed, policy=dirs["sft"],
         reward_model=dirs["reward"],
@@ -368,16 +366,6 @@ def run(cfg: DemoConfig, out_dir: str, quiet_log: Callable[[str], None]) -> dict
     # 6. evaluation on held-out prompts
     t = time.time()
     _, ppo_params = models.load_hf(dirs["ppo"])
-    rm_model, rm_params = models.load_hf(dirs["reward"])
-    rm_fn = jax.jit(lambda p, i, m: rm_model.apply({"params": p}, i, m))
-
-    def rm_scorer(prompts, responses):
-        rows = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"]
-                + tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                for p, r in zip(prompts, responses)]
-        ids, mask = _right_pad(rows, tokenizer.pad_token_id, cfg.seq_len + PROMPT_WIDTH)
-        return np.asarray(rm_fn(rm_params, ids, mask))
-
     with tqdm(total=1, desc="6/6 evaluate", unit="run") as bar:
         ev = evaluate(sampler, sft_params, ppo_params, eval_prompts, cfg.seed + 7, rm_scorer)
         bar.update(1)
@@ -407,9 +395,11 @@ def _move(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
-def _right_pad(rows: list[list[int]], pad: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+def _right_pad(rows: list[list[int]], pad: int, limit: int,
+               width: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows cut at `limit` tokens, right-padded to `width` (default: the longest row)."""
     rows = [r[:limit] for r in rows]
-    width = max(map(len, rows))
+    width = width or max(map(len, rows))
     ids = np.full((len(rows), width), pad, np.int32)
     mask = np.zeros_like(ids)
     for i, r in enumerate(rows):
