@@ -168,5 +168,28 @@ def logprobs_from_logits(logits: Array, tokens: Array, temperature: float = 1.0)
       tokens: [B, T] int the tokens taken.
       temperature: τ.
     """
-    logp = jax.nn.log_softmax(_f32(logits) / temperature, axis=-1)
-    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return _token_logprobs(_f32(logits) / temperature, tokens.astype(jnp.int32))
+
+
+@jax.custom_vjp
+def _token_logprobs(z: Array, tokens: Array) -> Array:
+    """z[y] − logsumexp(z) over the last axis: [B, T] from z [B, T, V], y [B, T]."""
+    return _token_logprobs_fwd(z, tokens)[0]
+
+
+def _token_logprobs_fwd(z, tokens):
+    lse = jax.nn.logsumexp(z, axis=-1)
+    picked = jnp.take_along_axis(z, tokens[..., None], axis=-1)[..., 0]
+    return picked - lse, (z, lse, tokens)
+
+
+def _token_logprobs_bwd(res, g):
+    # d/dz (z_y − lse) = onehot(y) − softmax(z): one elementwise pass over [B, T, V], where
+    # autodiff of log_softmax + take_along_axis builds a scatter, an exp and a divide.
+    z, lse, tokens = res
+    onehot = jnp.arange(z.shape[-1], dtype=jnp.int32) == tokens[..., None]
+    dz = g[..., None] * (onehot.astype(z.dtype) - jnp.exp(z - lse[..., None]))
+    return dz, None
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)

@@ -127,18 +127,33 @@ def response_logprobs(logits: jax.Array, input_ids: jax.Array, response_width: i
     log π(y_r | x, y_<r) = log_softmax(logits_{P+r−1} / τ)[y_r].
     """
     p = input_ids.shape[1] - response_width
-    logits = logits[:, p - 1 : -1]  # [B, R, V]
+    if logits.shape[1] != response_width:  # all columns' logits: keep those of the response
+        logits = logits[:, p - 1 : -1]  # [B, R, V]
     return logprobs_from_logits(logits, input_ids[:, p:], temperature), logits
+
+
+def response_logit_columns(input_ids: jax.Array, response_width: int) -> tuple[int, int]:
+    """The columns (start, stop) whose logits predict the R response tokens: P − 1 … T − 2."""
+    t = input_ids.shape[1]
+    return t - response_width - 1, t - 1
+
+
+def policy_logits(policy, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+                  response_width: int):
+    """The policy's (or reference's) logits [B, R, V] that predict the response tokens (plus
+    the values [B, T] with a shared value head); the LM head runs on those R columns only."""
+    return policy.apply({"params": params}, input_ids, attention_mask,
+                        logit_columns=response_logit_columns(input_ids, response_width))
 
 
 def policy_and_values(params: Any, batch: Any, *, policy, critic, cfg: PPOConfig):
     """(logprobs [B, R], values [B, R], response logits [B, R, V]) under the current params."""
     r = batch.response_mask.shape[1]
+    out = policy_logits(policy, params["policy"], batch.input_ids, batch.attention_mask, r)
     if cfg.value_kind == ValueKind.SHARED:
-        logits, values = policy.apply({"params": params["policy"]}, batch.input_ids,
-                                      batch.attention_mask)
+        logits, values = out
     else:
-        logits = policy.apply({"params": params["policy"]}, batch.input_ids, batch.attention_mask)
+        logits = out
         values = critic.apply({"params": params["critic"]}, batch.input_ids, batch.attention_mask,
                               per_token=True)
     logprobs, resp_logits = response_logprobs(logits, batch.input_ids, r, cfg.temperature)
@@ -159,7 +174,10 @@ def ppo_loss(params: Any, mb: Experience, *, policy, critic, cfg: PPOConfig):
         logprobs, mb.logprobs, mb.advantages, mask, cfg.clip_eps, cfg.dual_clip
     )
     vf_sum, _, vf_metrics = value_loss(values, mb.values, mb.returns, mask, cfg.value_clip_eps)
-    ent_sum = entropy_sum(logits, mask, cfg.temperature)
+    if cfg.entropy_coef:
+        ent_sum = entropy_sum(logits, mask, cfg.temperature)
+    else:  # a metric only: no backward pass through it
+        ent_sum = entropy_sum(jax.lax.stop_gradient(logits), mask, cfg.temperature)
     loss = pg_sum + cfg.vf_coef * vf_sum - cfg.entropy_coef * ent_sum
     metrics = {"loss": loss, "policy_loss": pg_sum, "value_loss": vf_sum, "entropy": ent_sum,
                **pg_metrics, **vf_metrics}
@@ -217,7 +235,7 @@ def score(params: dict, rollout: Rollout, *, policy, critic, reward_model, cfg: 
     r = rollout.response_mask.shape[1]
     ids, mask = rollout.input_ids, rollout.attention_mask
     logprobs, values, _ = policy_and_values(params, rollout, policy=policy, critic=critic, cfg=cfg)
-    ref_out = policy.apply({"params": params["ref"]}, ids, mask)
+    ref_out = policy_logits(policy, params["ref"], ids, mask, r)
     ref_logits = ref_out[0] if cfg.value_kind == ValueKind.SHARED else ref_out
     ref_logprobs, _ = response_logprobs(ref_logits, ids, r, cfg.temperature)
     scores = reward_model.apply({"params": params["reward"]}, ids, mask)

@@ -127,3 +127,20 @@ def test_heads_shapes_and_reward_reads_last_real_token():
     pv, pv_params = init(cfg, "lm+value")
     logits, values = pv.apply({"params": pv_params}, jnp.asarray(ids), jnp.asarray(mask))
     assert logits.shape == (3, 8, 97) and values.shape == (3, 8)
+
+
+@pytest.mark.parametrize("head", ["lm", "lm+value"])
+def test_logit_columns_give_those_columns_of_the_full_logits(head):
+    # PPO runs the LM head only on the columns that predict the response.
+    cfg = tiny_config("llama", vocab_size=97, num_kv_heads=1)  # grouped-query: q wider than k, v
+    model, params = init(cfg, head)
+    params = wide(params)
+    ids, mask = padded_batch((8, 5, 3), 8)
+    full = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    part = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                       logit_columns=(2, 7))
+    if head == "lm+value":
+        np.testing.assert_array_equal(np.asarray(part[1]), np.asarray(full[1]))
+        full, part = full[0], part[0]
+    assert part.shape == (3, 5, 97)
+    np.testing.assert_allclose(np.asarray(part), np.asarray(full)[:, 2:7], atol=1e-5)
