@@ -40,6 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         print(f"rlhf-jax: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from rlhf_jax.host_memory import retain_freed_memory
+
+    retain_freed_memory()  # before the first XLA buffer: no page faults per step
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.cli(rest) or 0)
 

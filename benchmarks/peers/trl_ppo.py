@@ -38,15 +38,9 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("WANDB_DISABLED", "true")
+from peer_common import logger, retain_freed_memory  # noqa: E402
 
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] trl_ppo: {msg}", file=sys.stderr, flush=True)
+log = logger("trl_ppo")
 
 
 def main(argv=None) -> int:
@@ -74,6 +68,7 @@ def main(argv=None) -> int:
     from trl.trainer import ppo_trainer as ppo_mod
 
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # the same glibc malloc settings as rlhf_jax's side
     torch.manual_seed(0)
     with open(args.prompts) as f:
         prompts = json.load(f)
