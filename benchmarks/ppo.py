@@ -215,9 +215,11 @@ class Ours:
     """rlhf_jax's PPO on the saved models: `PPOEngine` built here, one iteration per call."""
 
     def __init__(self, paths: dict, prompts, iterations: int):
-        policy, policy_params = models.load_hf(paths["policy"], head="lm")
-        reward_model, reward_params = models.load_hf(paths["reward"], head="reward")
-        critic, critic_params = models.load_hf(paths["reward"], head="reward")
+        # Unrolled layers (`scan_layers=False`): the faster setting on CPU (see README).
+        policy, policy_params = models.load_hf(paths["policy"], head="lm", scan_layers=False)
+        reward_model, reward_params = models.load_hf(paths["reward"], head="reward",
+                                                     scan_layers=False)
+        critic, critic_params = models.load_hf(paths["reward"], head="reward", scan_layers=False)
         sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=0,
                                   top_p=1.0, stop_at_eos=False, prompt_bucket=0)
         ppo_cfg = ppo_lib.PPOConfig(ppo_epochs=PPO_EPOCHS, num_minibatches=MINIBATCHES,

@@ -53,6 +53,9 @@ class ModelConfig:
       tokenizer: tokenizer directory; none = `path` (or the synthetic data's tokenizer).
       dtype: compute dtype, float32 or bfloat16 (params stay float32).
       remat: recompute each block in the backward pass (saves activation memory).
+      scan_layers: run the blocks in one `lax.scan` (one block compiled, fastest to compile
+        for deep models); false unrolls them: on CPU ~10% faster training steps (small
+        benchmark model), longer compile. Keep it fixed across a run and its resumes.
     """
 
     path: Optional[str] = None
@@ -60,6 +63,7 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = True
 
     def __post_init__(self):
         check((self.path is None) != (self.init is None), "path", self.path,
@@ -80,7 +84,7 @@ def load_tokenizer(cfg: ModelConfig, fallback: Optional[str] = None):
 def load_model(cfg: ModelConfig, tokenizer, mesh, seed: int, head: str):
     """(model with `head`, params placed on `mesh`) from a Hugging Face directory (a new head
     is added where the checkpoint has none) or a fresh init."""
-    overrides = {"dtype": cfg.dtype, "remat": cfg.remat}
+    overrides = {"dtype": cfg.dtype, "remat": cfg.remat, "scan_layers": cfg.scan_layers}
     if cfg.path is not None:
         return models.load_hf(cfg.path, head=head, mesh=mesh, seed=seed, **overrides)
     arch = cfg.init
