@@ -103,10 +103,37 @@ def apply_gradients(
     state: TrainState, grads: Any, tx: optax.GradientTransformation
 ) -> tuple[TrainState, dict]:
     """One optimizer update; returns the new state and norm metrics (float32)."""
+    new_state, update_norm = _update(state, grads, tx)
+    return new_state, {"grad_norm": optax.global_norm(grads), "update_norm": update_norm}
+
+
+def _update(state: TrainState, grads: Any, tx: optax.GradientTransformation):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, optax.global_norm(updates)
+
+
+def apply_gradients_if_finite(
+    state: TrainState, grads: Any, tx: optax.GradientTransformation, loss: jax.Array
+) -> tuple[TrainState, dict]:
+    """`apply_gradients` when the loss and every gradient are finite; otherwise the params and
+    optimizer state stay as they were (the step is still counted) and update_norm is NaN.
+
+    Metrics: grad_norm, update_norm and finite (a bool). One `lax.cond` decides before the
+    optimizer runs, so a good step costs nothing extra. (Choosing between the updated and
+    the old state after the update instead re-reads and rewrites the params and both Adam
+    moments: measured ~0.9 s per step for 2 × 91 M params on 2 CPU cores, against ~0.55 s
+    for the update itself.)
+    """
+    grad_norm = optax.global_norm(grads)
+    finite = all_finite(loss, grad_norm)
+
+    def keep(state):
+        return state.replace(step=state.step + 1), jnp.full((), jnp.nan, jnp.float32)
+
+    new_state, update_norm = jax.lax.cond(finite, lambda s: _update(s, grads, tx), keep, state)
+    return new_state, {"grad_norm": grad_norm, "update_norm": update_norm, "finite": finite}
 
 
 def split_microbatches(batch: Any, num: int) -> Any:
@@ -156,9 +183,3 @@ def all_finite(*trees) -> jax.Array:
     """True when every leaf of every tree is finite (a scalar bool)."""
     leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree_util.tree_leaves(t)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def skip_if_not_finite(new: TrainState, old: TrainState, finite: jax.Array) -> TrainState:
-    """Keeps `old` (but counts the step) when the update was not finite."""
-    kept = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-    return kept.replace(step=new.step)

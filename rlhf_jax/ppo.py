@@ -210,9 +210,8 @@ def train_step(
 
     def update(state, mb):
         grads, count, means = optim.accumulate_gradients(loss_fn, state.params, mb, cfg.grad_accum)
-        new_state, norms = optim.apply_gradients(state, grads, tx)
-        finite = optim.all_finite(means["loss"], norms["grad_norm"], norms["update_norm"])
-        new_state = optim.skip_if_not_finite(new_state, state, finite)  # bad update: keep old
+        new_state, norms = optim.apply_gradients_if_finite(state, grads, tx, means["loss"])
+        finite = norms.pop("finite")  # not finite: the old state is kept
         return new_state, {**means, **norms, "finite": finite.astype(jnp.float32)}
 
     def epoch(state, i):

@@ -146,9 +146,8 @@ def train_step(
         functools.partial(loss_fn, model=model, margin_scale=margin_scale, center_coef=center_coef),
         state.params, batch, grad_accum,
     )
-    new_state, norms = optim.apply_gradients(state, grads, tx)
-    finite = optim.all_finite(means["loss"], norms["grad_norm"], norms["update_norm"])
-    new_state = optim.skip_if_not_finite(new_state, state, finite)
+    new_state, norms = optim.apply_gradients_if_finite(state, grads, tx, means["loss"])
+    finite = norms.pop("finite")  # not finite: the old state is kept
     return new_state, {**means, **norms, "pairs": count, "finite": finite}
 
 

@@ -34,7 +34,7 @@ from rlhf_jax.checkpoint import CheckpointConfig, CheckpointError, Checkpointer,
 
 class OnNonFinite(str, enum.Enum):
     STOP = "stop"  # stop the run, keep the last good checkpoint untouched
-    SKIP = "skip"  # the step already kept the old state (see optim.skip_if_not_finite); go on
+    SKIP = "skip"  # the step already kept the old state (see optim.apply_gradients_if_finite); go on
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,9 +123,8 @@ def train_step(
     grads, count, sums = optim.accumulate_gradients(
         functools.partial(loss_fn, model=model), state.params, batch, grad_accum
     )
-    new_state, norms = optim.apply_gradients(state, grads, tx)
-    finite = optim.all_finite(sums["loss"], norms["grad_norm"], norms["update_norm"])
-    new_state = optim.skip_if_not_finite(new_state, state, finite)
+    new_state, norms = optim.apply_gradients_if_finite(state, grads, tx, sums["loss"])
+    finite = norms.pop("finite")  # not finite: the old state is kept
     return new_state, {**sums, **norms, "tokens": count, "finite": finite}
 
 

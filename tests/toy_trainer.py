@@ -41,9 +41,8 @@ def main():
             return jnp.mean((x @ p["w"] - y) ** 2)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        new, norms = optim.apply_gradients(state, grads, tx)
-        finite = optim.all_finite(loss, norms["grad_norm"])
-        return optim.skip_if_not_finite(new, state, finite), {"loss": loss, **norms}
+        new, norms = optim.apply_gradients_if_finite(state, grads, tx, loss)
+        return new, {"loss": loss, **norms}
 
     with Runner(out, CheckpointConfig(every=int(opts.get("every", 2)), keep=2), guard,
                 log=print) as run:
