@@ -18,16 +18,17 @@ Each side runs 1 + `--repeats` iterations, in lockstep: TRL's iteration i, then 
 TRL's i + 1 (TRL pauses in a callback meanwhile), so both see the same stretch of machine load
 and never run at once. The first iteration of each (compilation for rlhf_jax, first-call
 costs for TRL) is reported apart from the steady-state median. Phases: generate, score
-(reference / critic / reward forwards — rlhf_jax also reruns the policy forward, TRL reuses
-the sampling logits — plus rewards and GAE) and update (epochs × minibatches of forward,
-backward and AdamW for policy and critic).
+(reference / critic / reward forwards; log π_old comes from the sampler on both sides: TRL
+keeps its sampling logits, rlhf_jax runs with `rollout_logprobs=True` — plus rewards and
+GAE) and update (epochs × minibatches of forward, backward and AdamW for policy and critic).
 
 MFU uses `rlhf_jax.perf.matmul_ceiling` measured in this process over the models' matmul
 shapes, and the model FLOPs of shared/DESIGN.md: forward 2·N per token, training 6·N, plus
 attention (`models.flops_per_token`), with N without the LM head for the reward model and
 critic. The counted work is the same for both sides (generation: prefill + one decode step
-per new token; score: policy, reference, critic and RM forwards over prompt + response;
-update: epochs × training over prompt + response for policy and critic).
+per new token; score: reference, critic and RM forwards over prompt + response; update:
+epochs × training over prompt + response for policy and critic, the LM head on every column,
+although rlhf_jax runs it only on the response columns).
 
 Writes benchmarks/results/ppo_<device>.json and prints a Markdown table; logs go to stderr.
 """
@@ -204,7 +205,7 @@ def ppo_flops(cfg: TransformerConfig, prompt_width: int) -> dict:
     gen += sum(b * model_flops_per_token(cfg, p + i, False) for i in range(1, r))
     fwd_lm = model_flops_per_token(cfg, t, False)
     fwd_rm = model_flops_per_token(cfg, t, False, lm_head=False)
-    score = b * t * (2 * fwd_lm + 2 * fwd_rm)  # policy, reference, critic, reward model
+    score = b * t * (fwd_lm + 2 * fwd_rm)  # reference, critic, reward model
     update = PPO_EPOCHS * b * t * (model_flops_per_token(cfg, t, True)
                                    + model_flops_per_token(cfg, t, True, lm_head=False))
     return {"generate": gen, "score": score, "update": update,
@@ -225,7 +226,7 @@ class Ours:
         ppo_cfg = ppo_lib.PPOConfig(ppo_epochs=PPO_EPOCHS, num_minibatches=MINIBATCHES,
                                     kl_estimator="k1", kl_coef=0.05, clip_eps=0.2,
                                     value_clip_eps=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
-                                    temperature=1.0)
+                                    temperature=1.0, rollout_logprobs=True)
         tx = optim.make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, max_grad_norm=0.0,
                                                   b2=0.999), iterations * PPO_EPOCHS * MINIBATCHES)
         self.engine = PPOEngine(policy, critic, reward_model, ppo_cfg, sampling, tx,

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import models, optim, ppo
+from rlhf_jax import generate, models, optim, ppo
+from rlhf_jax.config import ConfigError
+from rlhf_jax.generate import SamplingConfig
 from rlhf_jax import sharding as shd
 from rlhf_jax.tiny import tiny_config
 
@@ -93,3 +95,26 @@ def test_sharded_ppo_iteration_matches_one_device(shape):
             np.testing.assert_allclose(h[k], r[k], atol=1e-5, rtol=1e-5, err_msg=k)
     q = state.params["policy"]["model"]["layers"]["attn"]["q"]["kernel"]
     np.testing.assert_allclose(np.asarray(q), np.asarray(ref_state.params["policy"]["model"]["layers"]["attn"]["q"]["kernel"]), atol=1e-5)
+
+
+def test_rollout_logprobs_equal_the_scoring_forward():
+    # rollout_logprobs takes log π_old from the sampler instead of a policy forward: the two
+    # must agree on a real rollout (left-padded prompts, ragged responses).
+    policy, rm, params, _ = setup("separate")
+    sampling = SamplingConfig(max_new_tokens=R, temperature=0.8, prompt_bucket=0)
+    ro = rollout()
+    sampled = generate.make_generate_fn(policy, sampling)(
+        params["policy"], ro.prompt_ids, ro.prompt_mask, jax.random.key(3))
+    out = {}
+    for reuse in (False, True):
+        cfg = ppo.PPOConfig(temperature=0.8, rollout_logprobs=reuse)
+        out[reuse] = jax.device_get(jax.jit(functools.partial(
+            ppo.score, policy=policy, critic=rm, reward_model=rm, cfg=cfg))(params, sampled))
+    real = np.asarray(sampled.response_mask) > 0
+    assert real.sum() > B  # responses of several tokens
+    np.testing.assert_allclose(out[True]["logprobs"][real], out[False]["logprobs"][real],
+                               atol=1e-4)
+    for k in ("ref_logprobs", "values", "scores"):
+        np.testing.assert_array_equal(out[True][k], out[False][k])
+    with pytest.raises(ConfigError, match="rollout_logprobs"):
+        ppo.PPOConfig(value_kind="shared", rollout_logprobs=True)
