@@ -134,6 +134,9 @@ def response_logprobs(logits: jax.Array, input_ids: jax.Array, response_width: i
     [B, R, V] that predict them.
 
     log π(y_r | x, y_<r) = log_softmax(logits_{P+r−1} / τ)[y_r].
+
+    `logits` are either every column's [B, T, V] (T = P + R > R) or already just the R
+    columns that predict the response (`policy_logits`).
     """
     p = input_ids.shape[1] - response_width
     if logits.shape[1] != response_width:  # all columns' logits: keep those of the response
