@@ -34,8 +34,9 @@ def faults_per_call(mode: str) -> float:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_retained_memory_removes_the_page_faults_of_each_call():
     default, retained = faults_per_call("default"), faults_per_call("retain")
-    # Without it each call maps its temporaries afresh: thousands of 4 KiB page faults.
-    assert default > 2000, default
+    # Without it each call maps its temporaries afresh and faults them in again: 16 384 faults
+    # per 64 MiB with 4 KiB pages (32 with transparent 2 MiB pages where those are always on).
+    assert default > 16, default
     assert retained < default / 10, (default, retained)
 
 
