@@ -128,50 +128,45 @@ class Experience:
     returns: jax.Array  # [B, R]
 
 
-def response_logprobs(logits: jax.Array, input_ids: jax.Array, response_width: int,
-                      temperature: float) -> tuple[jax.Array, jax.Array]:
-    """Log-probs [B, R] of the response tokens at temperature τ, and the (unscaled) logits
-    [B, R, V] that predict them.
+def policy_logprobs(policy, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+                    response_width: int, temperature: float):
+    """(log-probs [B, R] of the response tokens at temperature τ, the unscaled logits
+    [B, R, V] that predict them, values [B, T] of a shared value head or None).
 
-    log π(y_r | x, y_<r) = log_softmax(logits_{P+r−1} / τ)[y_r].
-
-    `logits` are either every column's [B, T, V] (T = P + R > R) or already just the R
-    columns that predict the response (`policy_logits`).
+    log π(y_r | x, y_<r) = log_softmax(logits_{P+r−1} / τ)[y_r]. The LM head runs only on
+    those R columns P − 1 … T − 2.
     """
-    p = input_ids.shape[1] - response_width
-    if logits.shape[1] != response_width:  # all columns' logits: keep those of the response
-        logits = logits[:, p - 1 : -1]  # [B, R, V]
-    return logprobs_from_logits(logits, input_ids[:, p:], temperature), logits
-
-
-def response_logit_columns(input_ids: jax.Array, response_width: int) -> tuple[int, int]:
-    """The columns (start, stop) whose logits predict the R response tokens: P − 1 … T − 2."""
     t = input_ids.shape[1]
-    return t - response_width - 1, t - 1
+    out = policy.apply({"params": params}, input_ids, attention_mask,
+                       logit_columns=(t - response_width - 1, t - 1))
+    logits, values = out if isinstance(out, tuple) else (out, None)
+    tokens = input_ids[:, t - response_width:]
+    return logprobs_from_logits(logits, tokens, temperature), logits, values
 
 
-def policy_logits(policy, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
-                  response_width: int):
-    """The policy's (or reference's) logits [B, R, V] that predict the response tokens (plus
-    the values [B, T] with a shared value head); the LM head runs on those R columns only."""
-    return policy.apply({"params": params}, input_ids, attention_mask,
-                        logit_columns=response_logit_columns(input_ids, response_width))
+def critic_values(critic, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+                  response_width: int) -> jax.Array:
+    """A separate critic's values [B, R] of the states before each response token."""
+    values = critic.apply({"params": params}, input_ids, attention_mask, per_token=True)
+    return _before_response(values, response_width)
+
+
+def _before_response(values: jax.Array, r: int) -> jax.Array:
+    # The value of the state before response token r is read at column P + r − 1.
+    return values[:, -r - 1 : -1]
 
 
 def policy_and_values(params: Any, batch: Any, *, policy, critic, cfg: PPOConfig):
     """(logprobs [B, R], values [B, R], response logits [B, R, V]) under the current params."""
     r = batch.response_mask.shape[1]
-    out = policy_logits(policy, params["policy"], batch.input_ids, batch.attention_mask, r)
+    ids, mask = batch.input_ids, batch.attention_mask
+    logprobs, logits, values = policy_logprobs(policy, params["policy"], ids, mask, r,
+                                               cfg.temperature)
     if cfg.value_kind == ValueKind.SHARED:
-        logits, values = out
+        values = _before_response(values, r)
     else:
-        logits = out
-        values = critic.apply({"params": params["critic"]}, batch.input_ids, batch.attention_mask,
-                              per_token=True)
-    logprobs, resp_logits = response_logprobs(logits, batch.input_ids, r, cfg.temperature)
-    # The value of the state before response token r is read at column P + r − 1.
-    values = values[:, -r - 1 : -1]
-    return logprobs, values, resp_logits
+        values = critic_values(critic, params["critic"], ids, mask, r)
+    return logprobs, values, logits
 
 
 def ppo_loss(params: Any, mb: Experience, *, policy, critic, cfg: PPOConfig):
@@ -240,22 +235,20 @@ def score(params: dict, rollout: Rollout, *, policy, critic, reward_model, cfg: 
     """The one scoring pass: policy and reference log-probs, values, and RM scores.
 
     `rollout` is the rollout engine's `generate.Rollout` (or any object with its
-    input_ids, attention_mask, response_mask and ended_with_stop; and
-    logprobs with `cfg.rollout_logprobs`). `params` = {"policy", "ref", "reward"} plus "critic" for a separate critic. Policy and
-    reference log-probs use the sampling temperature; the RM reads the last real token.
+    input_ids, attention_mask, response_mask and ended_with_stop; and logprobs with
+    `cfg.rollout_logprobs`). `params` = {"policy", "ref", "reward"} plus "critic" for a
+    separate critic. Policy and reference log-probs use the sampling temperature; the RM
+    reads the last real token.
     """
     r = rollout.response_mask.shape[1]
     ids, mask = rollout.input_ids, rollout.attention_mask
     if cfg.rollout_logprobs:  # the sampler's log π_old; only the critic runs here
         logprobs = jnp.where(rollout.response_mask > 0, rollout.logprobs, 0.0)
-        values = critic.apply({"params": params["critic"]}, ids, mask, per_token=True)
-        values = values[:, -r - 1 : -1]
+        values = critic_values(critic, params["critic"], ids, mask, r)
     else:
         logprobs, values, _ = policy_and_values(params, rollout, policy=policy, critic=critic,
                                                 cfg=cfg)
-    ref_out = policy_logits(policy, params["ref"], ids, mask, r)
-    ref_logits = ref_out[0] if cfg.value_kind == ValueKind.SHARED else ref_out
-    ref_logprobs, _ = response_logprobs(ref_logits, ids, r, cfg.temperature)
+    ref_logprobs = policy_logprobs(policy, params["ref"], ids, mask, r, cfg.temperature)[0]
     scores = reward_model.apply({"params": params["reward"]}, ids, mask)
     return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores}
 

@@ -202,9 +202,7 @@ class PPOEngine:
             ids, mask = rollout.input_ids, rollout.attention_mask
 
             def logprobs(params):
-                out = ppo.policy_logits(policy, params, ids, mask, r)
-                logits = out[0] if isinstance(out, tuple) else out
-                return ppo.response_logprobs(logits, ids, r, ppo_cfg.temperature)[0]
+                return ppo.policy_logprobs(policy, params, ids, mask, r, ppo_cfg.temperature)[0]
 
             kl = per_token_kl(logprobs(policy_params), logprobs(frozen["ref"]),
                               ppo_cfg.kl_estimator)
