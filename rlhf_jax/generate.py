@@ -20,7 +20,7 @@ its position count does not move, so the rows still running are unaffected by it
 Log-probabilities: `Rollout.logprobs[b, r] = log_softmax(logits / temperature)[token]`, the
 full temperature-scaled distribution *without* the top-k / top-p filter (as TRL and
 OpenRLHF do). This is exactly what the PPO update recomputes from a forward pass
-(`ppo.response_logprobs`), so the first PPO epoch sees ratio 1; the filter only decides
+(`ppo.policy_logprobs`), so the first PPO epoch sees ratio 1; the filter only decides
 which tokens may be drawn.
 """
 
@@ -211,23 +211,20 @@ def _trunk(module, ids, mask, cache):
     return module.model(ids, mask, cache)
 
 
-def _head(module, hidden):
-    return module.logits(hidden)
-
-
-def _decode_head(model: nn.Module, params: Any):
-    """The tied embedding transposed to [D, V], once per call, or None (an untied LM head
-    is stored [D, V] already). Inside the decode loop the LM head is then a plain
-    [B, D] × [D, V] matmul instead of one against the transposed [V, D] table, which XLA's
-    CPU kernels run ~25% slower at batch 16 (the loop boundary keeps XLA from folding the
-    transpose back into the dot)."""
-    if not model.cfg.tie_word_embeddings:
-        return None
-    return jnp.transpose(params["model"]["embed"]["embedding"])
+def _lm_head(model: nn.Module, params: Any) -> jax.Array:
+    """The LM head as [D, V]: an untied head's kernel, or the tied embedding transposed once
+    per call, for prefill and decode. Inside the decode loop the LM head is then a plain [B, D] × [D, V] matmul
+    instead of one against the transposed [V, D] table, which XLA's CPU kernels run ~25%
+    slower at batch 16 (the loop boundary keeps XLA from folding the transpose back into
+    the dot)."""
+    if model.cfg.tie_word_embeddings:
+        return jnp.transpose(params["model"]["embed"]["embedding"])
+    return params["lm_head"]["kernel"]
 
 
 def _project(hidden: jax.Array, head: jax.Array, dtype) -> jax.Array:
-    """Logits [B, T, V] in float32 from hidden [B, T, D] and a [D, V] head (`_decode_head`)."""
+    """Logits [B, T, V] in float32 from hidden [B, T, D] and the [D, V] head of `_lm_head`
+    (what `CausalLM.logits` computes)."""
     logits = jnp.einsum("btd,dv->btv", hidden.astype(dtype), head.astype(dtype))
     return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab")).astype(jnp.float32)
 
@@ -282,7 +279,7 @@ def generate(
     stop_ids = jnp.asarray(stop_ids, jnp.int32)
     model, params = unrolled(model, params)
     variables = {"params": params}
-    head = _decode_head(model, params)
+    head = _lm_head(model, params)
 
     def is_stop(token):  # [B] -> [B] bool
         return jnp.any(token[:, None] == stop_ids[None, :], axis=1)
@@ -307,10 +304,7 @@ def generate(
         """Feeds the last token (masked for rows that are done) and samples the next one."""
         live = (~loop.done).astype(jnp.int32)[:, None]
         hidden, cache = model.apply(variables, loop.last[:, None], live, loop.cache, method=_trunk)
-        if head is None:
-            logits = model.apply(variables, hidden, method=_head)[:, 0]
-        else:
-            logits = _project(hidden, head, jnp.dtype(model.cfg.dtype))[:, 0]
+        logits = _project(hidden, head, jnp.dtype(model.cfg.dtype))[:, 0]
         return sample(_constrain(loop.replace(logits=logits, cache=cache)))
 
     def running(loop: _Loop):
@@ -321,7 +315,7 @@ def generate(
     hidden, cache = model.apply(variables, prompt_ids, prompt_mask, cache, method=_trunk)
     last = last_token_index(prompt_mask, p)
     hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
-    logits = model.apply(variables, hidden, method=_head)[:, 0]
+    logits = _project(hidden, head, jnp.dtype(model.cfg.dtype))[:, 0]
     loop = _Loop(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
