@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -74,3 +76,28 @@ def write_results(out: str, result: dict, shapes: list[str]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
+
+
+def arg_parser(doc: str, benchmark: str, default_shape: str, default_repeats: int,
+               repeats_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --shape, --repeats, --out."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--shape", choices=[*SHAPES, "all"], default=default_shape)
+    ap.add_argument("--repeats", type=int, default=default_repeats, help=repeats_help)
+    ap.add_argument("--out",
+                    help=f"JSON path (default benchmarks/results/{benchmark}_<device>.json)")
+    return ap
+
+
+def run_shapes(benchmark: str, args, bench_shape, describe) -> tuple[dict, str, list[dict]]:
+    """Runs `bench_shape(shape, tmp_dir)` for each shape `args.shape` names, writes the result
+    file (`describe(rows)` adds the benchmark's own fields; rows of shapes not run are kept
+    from the old file) and returns (result, its path, this run's rows)."""
+    shapes = list(SHAPES) if args.shape == "all" else [args.shape]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [bench_shape(s, tmp) for s in shapes]
+    result = run_record(benchmark)
+    out = args.out or os.path.join(RESULTS, f"{benchmark}_{result['device']}.json")
+    result.update({**describe(rows), "shapes": rows})
+    write_results(out, result, shapes)
+    return result, out, rows

@@ -19,10 +19,8 @@ prints a Markdown table (stdout); progress goes to stderr.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rlhf_jax import generate as gen  # noqa: E402
 from rlhf_jax import models, perf  # noqa: E402
-from common import (BATCH, PAD, PROMPT_LENGTHS, RESULTS, SHAPES,  # noqa: E402
-                    log, make_prompts, model_config, run_record, write_results)
+from common import (BATCH, PAD, PROMPT_LENGTHS, arg_parser, log,  # noqa: E402
+                    make_prompts, model_config, run_shapes)
 
 NEW_TOKENS = 64
 
@@ -185,32 +183,24 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
-    ap.add_argument("--repeats", type=int, default=5, help="timed calls of each engine per shape")
+    ap = arg_parser(__doc__, "generate", "all", 5, "timed calls of each engine per shape")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                     help="torch.set_num_threads for transformers (default: all CPUs)")
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/generate_<device>.json)")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    shapes = list(SHAPES) if args.shape == "all" else [args.shape]
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [bench_shape(s, args.repeats, tmp) for s in shapes]
-    result = run_record("generate")
+    result, out, rows = run_shapes(
+        "generate", args, lambda s, tmp: bench_shape(s, args.repeats, tmp),
+        lambda rows: {
+            "torch_threads": torch.get_num_threads(),
+            "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "kv_cache": True,
+                         "stop": "none (ours stop_at_eos=False; transformers min_new_tokens=64)"},
+            "batch": BATCH,
+            "new_tokens": NEW_TOKENS,
+            "repeats": args.repeats,
+        })
     device = result["device"]
-    out = args.out or os.path.join(RESULTS, f"generate_{device}.json")
-    result.update({
-        "torch_threads": torch.get_num_threads(),
-        "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "kv_cache": True,
-                     "stop": "none (ours stop_at_eos=False; transformers min_new_tokens=64)"},
-        "batch": BATCH,
-        "new_tokens": NEW_TOKENS,
-        "repeats": args.repeats,
-        "shapes": rows,
-    })
-    write_results(out, result, shapes)
     print(table(result["shapes"]))
     loads = [r["load_average"]["before"][0] for r in rows if r["load_average"]["before"]]
     print(f"\n{device}, float32, batch {BATCH}, prompts {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} "

@@ -35,12 +35,10 @@ Writes benchmarks/results/ppo_<device>.json and prints a Markdown table; logs go
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,8 +59,8 @@ from rlhf_jax.models import TransformerConfig, flops_per_token  # noqa: E402
 from rlhf_jax.optim import OptimizerConfig  # noqa: E402
 from rlhf_jax.ppo_loop import PPOEngine  # noqa: E402
 
-from common import (BATCH, EOS, PAD, PROMPT_LENGTHS, RESULTS, SHAPES,  # noqa: E402
-                    log, make_prompts, model_config, run_record, write_results)
+from common import (BATCH, EOS, PAD, PROMPT_LENGTHS, arg_parser, log,  # noqa: E402
+                    make_prompts, model_config, run_shapes)
 
 NEW_TOKENS = 32
 PPO_EPOCHS = 4
@@ -369,30 +367,24 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=[*SHAPES, "all"], default="small")
-    ap.add_argument("--repeats", type=int, default=3, help="timed iterations after the first")
+    ap = arg_parser(__doc__, "ppo", "small", 3, "timed iterations after the first")
     ap.add_argument("--peer-threads", type=int, default=perf.cpu_count(),
                     help="torch.set_num_threads for TRL (default: all CPUs, torch's own default)")
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/ppo_<device>.json)")
     args = ap.parse_args(argv)
-    shapes = list(SHAPES) if args.shape == "all" else [args.shape]
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [bench_shape(s, args.repeats, tmp, args.peer_threads) for s in shapes]
-    result = run_record("ppo")
+    result, out, rows = run_shapes(
+        "ppo", args, lambda s, tmp: bench_shape(s, args.repeats, tmp, args.peer_threads),
+        lambda rows: {
+            "peer": {"name": "trl.PPOTrainer", "versions": peer_versions(),
+                     "torch_threads": rows[0]["trl"]["raw"]["torch_threads"]},
+            "settings": {"batch": BATCH, "new_tokens": NEW_TOKENS,
+                         "prompt_lengths": PROMPT_LENGTHS,
+                         "stop": "none (ours stop_at_eos=False; TRL stop_token=None)",
+                         "dtype": "float32", "ppo_epochs": PPO_EPOCHS,
+                         "minibatches": MINIBATCHES, "kl_estimator": "k1",
+                         "critic": "separate (starts from the reward model)",
+                         "optimizer": "AdamW, lr 3e-6, no clipping"},
+        })
     device = result["device"]
-    out = args.out or os.path.join(RESULTS, f"ppo_{device}.json")
-    result.update({
-        "peer": {"name": "trl.PPOTrainer", "versions": peer_versions(),
-                 "torch_threads": rows[0]["trl"]["raw"]["torch_threads"]},
-        "settings": {"batch": BATCH, "new_tokens": NEW_TOKENS, "prompt_lengths": PROMPT_LENGTHS,
-                     "stop": "none (ours stop_at_eos=False; TRL stop_token=None)",
-                     "dtype": "float32", "ppo_epochs": PPO_EPOCHS, "minibatches": MINIBATCHES,
-                     "kl_estimator": "k1", "critic": "separate (starts from the reward model)",
-                     "optimizer": "AdamW, lr 3e-6, no clipping"},
-        "shapes": rows,
-    })
-    write_results(out, result, shapes)
     print(table(result["shapes"]))
     print(f"\n{device}, float32, batch {BATCH}, prompts {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} "
           f"tokens, {NEW_TOKENS} new tokens, {PPO_EPOCHS} epochs × {MINIBATCHES} minibatch; "

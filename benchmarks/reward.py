@@ -25,18 +25,15 @@ Writes benchmarks/results/reward_<device>.json and prints a Markdown table; logs
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (RESULTS, SHAPES, log, model_config, run_record,  # noqa: E402
-                    write_results)
+from common import arg_parser, log, model_config, run_shapes  # noqa: E402
 from ppo import (ceiling_flops_per_s, model_flops_per_token, peer_versions,  # noqa: E402
                  run_lockstep, same_weights_check, save_tokenizer)
 
@@ -181,28 +178,20 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=[*SHAPES, "all"], default="small")
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps after the first")
+    ap = arg_parser(__doc__, "reward", "small", 5, "timed steps after the first")
     ap.add_argument("--peer-threads", type=int, default=perf.cpu_count(),
                     help="torch.set_num_threads for TRL (default: all CPUs, torch's own default)")
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/reward_<device>.json)")
     args = ap.parse_args(argv)
-    shapes = list(SHAPES) if args.shape == "all" else [args.shape]
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [bench_shape(s, args.repeats, tmp, args.peer_threads) for s in shapes]
-    result = run_record("reward")
+    result, out, rows = run_shapes(
+        "reward", args, lambda s, tmp: bench_shape(s, args.repeats, tmp, args.peer_threads),
+        lambda rows: {
+            "peer": {"name": "trl.RewardTrainer", "versions": peer_versions(),
+                     "torch_threads": rows[0]["trl"]["raw"]["torch_threads"]},
+            "settings": {"pairs": PAIRS, "sequence_length": SEQ_LEN, "dtype": "float32",
+                         "optimizer": "AdamW, lr 1e-5, β2 0.999, clip 1.0",
+                         "gradient_checkpointing": False},
+        })
     device = result["device"]
-    out = args.out or os.path.join(RESULTS, f"reward_{device}.json")
-    result.update({
-        "peer": {"name": "trl.RewardTrainer", "versions": peer_versions(),
-                 "torch_threads": rows[0]["trl"]["raw"]["torch_threads"]},
-        "settings": {"pairs": PAIRS, "sequence_length": SEQ_LEN, "dtype": "float32",
-                     "optimizer": "AdamW, lr 1e-5, β2 0.999, clip 1.0",
-                     "gradient_checkpointing": False},
-        "shapes": rows,
-    })
-    write_results(out, result, shapes)
     print(table(result["shapes"]))
     print(f"\n{device}, float32, {PAIRS} pairs × 2 × {SEQ_LEN} tokens per step; steady state = "
           f"median of {args.repeats} steps after the first; wrote {out}")

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 
-from peer_common import logger, retain_freed_memory  # noqa: E402
+from peer_common import logger, retain_freed_memory
 
 log = logger("trl_ppo")
 
