@@ -9,8 +9,11 @@ kernel time per forward + backward step of ~440 ms on 2 cores.
 
 `retain_freed_memory()` tells glibc to serve every block from its heap (no mmap), to keep
 one arena, and never to trim the heap: after the first step the same pages are reused and
-the faults fall to a few hundred per step (the step to ~375 ms). Memory the process has
-used stays reserved for it until it exits, as with the caching allocators of GPU runtimes.
+the faults fall to a few hundred per step (the step to ~375 ms). The trim threshold is set to
+-1, which glibc reads as SIZE_MAX: the largest positive int (2 GiB) is not enough, since a
+base-sized PPO update (2 × 91 M params) frees more than 2 GiB at once and glibc then gave the
+top back (~500 000 faults, ~1 s of a 6.3 s step). Memory the process has used stays
+reserved for it until it exits, as with the caching allocators of GPU runtimes.
 
 The CLI and the benchmark scripts call it at start-up; a program that imports the training
 steps may call it itself. It does nothing (returns False) where libc is not glibc.
@@ -45,7 +48,7 @@ def retain_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     settings = ((_M_MMAP_MAX, 0),  # every block from the heap, none from a fresh mmap
-                (_M_TRIM_THRESHOLD, 2**31 - 1),  # never give the heap's top back
+                (_M_TRIM_THRESHOLD, -1),  # never give the heap's top back (-1: SIZE_MAX)
                 (_M_TOP_PAD, 0),
                 (_M_ARENA_MAX, 1))  # one heap for every thread, so freed blocks are reused
     _applied = all(mallopt(param, value) == 1 for param, value in settings)

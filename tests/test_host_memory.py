@@ -40,6 +40,37 @@ def test_retained_memory_removes_the_page_faults_of_each_call():
     assert retained < default / 10, (default, retained)
 
 
+BIG_BLOCK = r"""
+import ctypes, json, resource
+from rlhf_jax.host_memory import retain_freed_memory
+assert retain_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 5 << 29  # 2.5 GiB: a freed top of the heap larger than mallopt's largest int (2 GiB)
+faults = []
+for _ in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    assert block, "malloc failed"
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(faults))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_a_freed_block_above_2_gib_stays_in_the_process():
+    # A base-sized PPO step frees more than 2 GiB at once; with a 2 GiB trim threshold glibc
+    # gave it back and the next step faulted ~500 000 pages in again.
+    out = subprocess.run([sys.executable, "-c", BIG_BLOCK], capture_output=True, text=True,
+                         timeout=300, check=True)
+    first, second = json.loads(out.stdout.strip().splitlines()[-1])
+    assert first > 1000, first  # the first touch does fault (4 KiB or 2 MiB pages)
+    assert second < first / 100, (first, second)
+
+
 def test_retain_freed_memory_is_idempotent():
     first = host_memory.retain_freed_memory()
     assert host_memory.retain_freed_memory() == first
