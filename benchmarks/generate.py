@@ -9,6 +9,13 @@ the same 16 left-padded random prompts of 16–32 tokens. Timed calls alternate 
 the first rlhf_jax call (compilation) is timed apart from the steady-state ones. Tokens/s
 counts new tokens only: batch × 64 / seconds per call.
 
+rlhf_jax runs twice per repeat: on one device (the default), and data-parallel over the host
+CPU devices, one per core (`--xla_force_host_platform_device_count`, set below before jax is
+imported): params replicated, the 16 rows split 8 + 8, the same program as on a mesh of
+accelerators (`rlhf_jax.sharding`). At small widths a decode step is per-op overhead, which the
+two devices overlap; at base width it is memory-bound and each device streams the weights
+itself, so one device is faster. Both are reported; the ratio uses the faster.
+
 The ceiling comes from `rlhf_jax.perf`, measured in this process: the best matmul rate over
 the model's matmul shapes and the streaming read bandwidth give the fastest a generate call
 of this shape could run (prefill plus 63 decode steps, each bound by compute or by memory).
@@ -23,6 +30,9 @@ import os
 import sys
 import time
 
+# One host device per core (only the CPU backend reads it): the data-parallel run below.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           f" --xla_force_host_platform_device_count={os.cpu_count()}").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rlhf_jax import generate as gen  # noqa: E402
 from rlhf_jax import models, perf  # noqa: E402
+from rlhf_jax import sharding as shd  # noqa: E402
 from common import (BATCH, PAD, PROMPT_LENGTHS, arg_parser, log,  # noqa: E402
                     make_prompts, model_config, run_shapes)
 
@@ -84,6 +95,22 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
         out.tokens.block_until_ready()
         return time.perf_counter() - start, out
 
+    # Data-parallel over the host devices (when there are several and they divide the batch).
+    devices = jax.local_devices(backend="cpu") if jax.default_backend() == "cpu" else []
+    dp = len(devices) if len(devices) > 1 and BATCH % len(devices) == 0 else 0
+    if dp:
+        mesh = shd.make_mesh((dp, 1, 1), devices)
+        params_dp = jax.device_put(params, shd.replicated(mesh))
+        with shd.use_mesh(mesh):
+            ids_dp, mask_dp = shd.shard_batch((ids_j, mask_j), mesh)
+
+    def ours_dp(seed):
+        with shd.use_mesh(mesh):
+            start = time.perf_counter()
+            out = ours_fn(params_dp, ids_dp, mask_dp, jax.random.key(seed))
+            out.tokens.block_until_ready()
+            return time.perf_counter() - start, out
+
     def theirs(seed):
         torch.manual_seed(seed)
         start = time.perf_counter()
@@ -100,24 +127,32 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
     first_s, out = ours(ours_fn, 0)
     assert int(out.num_steps) == NEW_TOKENS and (np.asarray(out.lengths) == NEW_TOKENS).all()
     prefill_first_s, _ = ours(prefill_fn, 0)
+    if dp:
+        dp_first_s, out_dp = ours_dp(0)
+        same = np.array_equal(np.asarray(out_dp.tokens), np.asarray(out.tokens))
+        log(f"{shape}: data-parallel over {dp} host devices: first call {dp_first_s:.2f} s, "
+            f"same tokens as one device: {same}")
     theirs_first_s = theirs(0)  # transformers' warm-up call
     log(f"{shape}: first calls (ours incl. compile {first_s:.2f} s, prefill-only "
         f"{prefill_first_s:.2f} s, transformers {theirs_first_s:.2f} s)")
     # The machine's rates are measured between the timed calls too, so that they see the
     # same load as the calls (the machine may be shared).
     shapes = perf.matmul_shapes(cfg, BATCH) + perf.matmul_shapes(cfg, BATCH * width)
-    times = {"ours": [], "transformers": [], "ours_prefill": []}
+    times = {"ours": [], "transformers": [], "ours_prefill": [], **({"ours_dp": []} if dp else {})}
     rates = {f"{m}x{k}x{n}": [] for m, k, n in shapes}
     bandwidth = []
     for i in range(1, repeats + 1):
         times["ours"].append(ours(ours_fn, i)[0])
         times["transformers"].append(theirs(i))
         times["ours_prefill"].append(ours(prefill_fn, i)[0])
+        if dp:
+            times["ours_dp"].append(ours_dp(i)[0])
         for m, k, n in shapes:
             rates[f"{m}x{k}x{n}"].append(perf.matmul_flops_per_s(m, k, n, repeats=3))
         bandwidth.append(perf.memory_bandwidth_bytes_per_s(repeats=3))
         log(f"{shape}: repeat {i}/{repeats}: ours {times['ours'][-1]:.3f} s, transformers "
             f"{times['transformers'][-1]:.3f} s, ours prefill-only {times['ours_prefill'][-1]:.3f} s, "
+            + (f"ours data-parallel {times['ours_dp'][-1]:.3f} s, " if dp else "") +
             f"best matmul {max(r[-1] for r in rates.values()) / 1e9:.0f} GFLOP/s, "
             f"read {bandwidth[-1] / 1e9:.1f} GB/s")
 
@@ -125,6 +160,8 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
     t_ours, t_theirs = perf.median(times["ours"]), perf.median(times["transformers"])
     t_prefill = perf.median(times["ours_prefill"])
     ours_tps, theirs_tps = new / t_ours, new / t_theirs
+    dp_tps = new / perf.median(times["ours_dp"]) if dp else None
+    best_tps = max(ours_tps, dp_tps or 0.0)
     decode_tps = BATCH * (NEW_TOKENS - 1) / max(t_ours - t_prefill, 1e-9)
 
     flops_per_s = max(perf.median(r) for r in rates.values())
@@ -151,6 +188,11 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
         "ours_tokens_per_s": ours_tps,
         "transformers_tokens_per_s": theirs_tps,
         "ratio": ours_tps / theirs_tps,
+        "host_devices": dp or 1,
+        "ours_data_parallel_tokens_per_s": dp_tps,
+        "ours_data_parallel_same_tokens": bool(same) if dp else None,
+        "ours_best_tokens_per_s": best_tps,
+        "ratio_best": best_tps / theirs_tps,
         "ours_prefill_s": t_prefill,
         "ours_decode_tokens_per_s": decode_tps,
         "times_summary": {k: perf.summary(v) for k, v in times.items()},
@@ -162,21 +204,27 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
         "decode_ceiling": bounds,
         "generate_ceiling_tokens_per_s": ceiling,
         "fraction_of_ceiling": ours_tps / ceiling,
+        "best_fraction_of_ceiling": best_tps / ceiling,
         "decode_fraction_of_ceiling": decode_tps / bounds["tokens_per_s"],
         "load_average": {"before": load_before, "after": perf.load_average()},
     }
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| shape | ours tok/s | transformers tok/s | ratio | our compile s | ceiling tok/s "
-            "| ours / ceiling | ours decode tok/s | decode ceiling tok/s (bound) | decode / ceiling |")
+    head = ("| shape | ours tok/s (1 device) | ours tok/s (data-parallel) | transformers tok/s "
+            "| ratio (best) | our compile s | ceiling tok/s | best / ceiling "
+            "| ours decode tok/s (1 device) | decode ceiling tok/s (bound) | decode / ceiling |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         d = r["decode_ceiling"]
+        dp_tps = r.get("ours_data_parallel_tokens_per_s")
+        dp = f"{dp_tps:.0f} ({r['host_devices']} devices)" if dp_tps else "—"
         lines.append(
-            f"| {r['shape']} | {r['ours_tokens_per_s']:.0f} | {r['transformers_tokens_per_s']:.0f} "
-            f"| {r['ratio']:.2f}× | {r['ours_compile_s']:.1f} | {r['generate_ceiling_tokens_per_s']:.0f} "
-            f"| {100 * r['fraction_of_ceiling']:.0f}% | {r['ours_decode_tokens_per_s']:.0f} "
+            f"| {r['shape']} | {r['ours_tokens_per_s']:.0f} | {dp} "
+            f"| {r['transformers_tokens_per_s']:.0f} "
+            f"| {r['ratio_best']:.2f}× | {r['ours_compile_s']:.1f} "
+            f"| {r['generate_ceiling_tokens_per_s']:.0f} "
+            f"| {100 * r['best_fraction_of_ceiling']:.0f}% | {r['ours_decode_tokens_per_s']:.0f} "
             f"| {d['tokens_per_s']:.0f} ({d['bound']}) | {100 * r['decode_fraction_of_ceiling']:.0f}% |"
         )
     return "\n".join(lines)
