@@ -183,6 +183,7 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
         "logits_max_abs_diff": logits_diff,
         "times_s": times,
         "first_call_s": {"ours": first_s, "ours_prefill": prefill_first_s,
+                         "ours_data_parallel": dp_first_s if dp else None,
                          "transformers": theirs_first_s},
         "ours_compile_s": first_s - t_ours,
         "ours_tokens_per_s": ours_tps,
