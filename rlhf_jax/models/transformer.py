@@ -210,10 +210,6 @@ class _Dense(nn.Module):
         return y.reshape(*x.shape[:-1], self.features)
 
 
-def _dense(features: int, names: tuple, use_bias: bool, dtype, name: str) -> _Dense:
-    return _Dense(features, names, use_bias, dtype, name=name)
-
-
 def _fused_dense(x: Array, weights: list, dtype) -> list:
     """[x @ W_i + b_i for each (W_i, b_i)] computed as one matmul over the stacked kernels.
 
@@ -297,7 +293,7 @@ class Attention(nn.Module):
         out = out.reshape(b, t, h * dh)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
         use_o_bias = cfg.family == Family.GPT2
-        out = _dense(cfg.hidden_size, ("heads", "embed"), use_o_bias, dtype, "o")(out)
+        out = _Dense(cfg.hidden_size, ("heads", "embed"), use_o_bias, dtype, name="o")(out)
         return out, new_kv
 
 
@@ -310,13 +306,14 @@ class MLP(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         f, d = cfg.intermediate_size, cfg.hidden_size
         if cfg.family == Family.GPT2:
-            hidden = jax.nn.gelu(_dense(f, ("embed", "mlp"), True, dtype, "fc")(x), approximate=True)
+            fc = _Dense(f, ("embed", "mlp"), True, dtype, name="fc")
+            hidden = jax.nn.gelu(fc(x), approximate=True)
         else:
             gate, up = _fused_dense(x, [_DenseWeights(f, ("embed", "mlp"), False, name=n)(d)
                                         for n in ("gate", "up")], dtype)
             hidden = jax.nn.silu(gate) * up
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
-        return _dense(d, ("mlp", "embed"), cfg.family == Family.GPT2, dtype, "down")(hidden)
+        return _Dense(d, ("mlp", "embed"), cfg.family == Family.GPT2, dtype, name="down")(hidden)
 
 
 class Block(nn.Module):
@@ -446,9 +443,8 @@ class CausalLM(nn.Module):
     def setup(self):
         self.model = Transformer(self.cfg)
         if not self.cfg.tie_word_embeddings:
-            self.lm_head = _dense(
-                self.cfg.vocab_size, ("embed", "vocab"), False, jnp.dtype(self.cfg.dtype), "lm_head"
-            )
+            self.lm_head = _Dense(self.cfg.vocab_size, ("embed", "vocab"), False,
+                                  jnp.dtype(self.cfg.dtype), name="lm_head")
 
     def logits(self, hidden: Array) -> Array:
         if self.cfg.tie_word_embeddings:
@@ -477,7 +473,7 @@ class CausalLMWithValueHead(CausalLM):
 
     def setup(self):
         super().setup()
-        self.value_head = _dense(1, ("embed", None), True, jnp.float32, "value_head")
+        self.value_head = _Dense(1, ("embed", None), True, jnp.float32, name="value_head")
 
     def __call__(self, input_ids, attention_mask=None, cache=None,
                  logit_columns: Optional[tuple[int, int]] = None):
@@ -503,7 +499,7 @@ class RewardModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, per_token: bool = False):
         hidden, _ = Transformer(self.cfg, name="model")(input_ids, attention_mask)
-        head = _dense(1, ("embed", None), False, jnp.float32, "score")
+        head = _Dense(1, ("embed", None), False, jnp.float32, name="score")
         scores = head(hidden.astype(jnp.float32))[..., 0] * self.gain + self.bias  # [B, T]
         if per_token:
             return scores
