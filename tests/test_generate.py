@@ -275,6 +275,33 @@ def test_cli_writes_completions(tiny_model_dir, tmp_path):
     assert "tokens/s" in proc.stdout
 
 
+def test_cli_second_run_loads_its_programs_from_the_compilation_cache(tiny_model_dir, tmp_path):
+    """`rlhf-jax` keeps compiled programs in RLHF_JAX_COMPILE_CACHE: a rerun of the same
+    command loads the generate program from it (jax logs the hit), adds no entry and writes
+    the same output."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\nhello world\n")
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update({"XLA_FLAGS": "", "RLHF_JAX_COMPILE_CACHE": str(cache),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_LOG_COMPILES": "1"})
+    outputs, entries, hits = [], [], []
+    for run in range(2):
+        out = tmp_path / f"out{run}.jsonl"
+        proc = subprocess.run(
+            [sys.executable, "-m", "rlhf_jax.cli", "generate", "--model", tiny_model_dir,
+             "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "6", "--seed", "3"],
+            capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(out.read_text())
+        entries.append(sorted(os.listdir(cache)))
+        hits.append("Persistent compilation cache hit for 'jit_generate'" in proc.stderr)
+    assert hits == [False, True]
+    assert any("generate" in name for name in entries[0])
+    assert entries[1] == entries[0]
+    assert outputs[1] == outputs[0] and outputs[0]
+
+
 @pytest.mark.parametrize("content,expected", [
     ('{"prompt": "hi"}\n{"text": "no prompt here"}\n', "line 2 has no string 'prompt' field"),
     ("\n\n", "has no prompts"),
