@@ -18,6 +18,11 @@ from rlhf_jax import perf  # noqa: E402
 from rlhf_jax.host_memory import retain_freed_memory  # noqa: E402
 
 retain_freed_memory()  # as the CLI does; the peer scripts apply the same glibc settings
+import jax  # noqa: E402
+
+# Compile times are first calls: a persistent compilation cache (JAX_COMPILATION_CACHE_DIR,
+# or one left set by other code) must not serve them.
+jax.config.update("jax_compilation_cache_dir", None)
 from rlhf_jax.models import TransformerConfig  # noqa: E402
 
 SHAPES = {
