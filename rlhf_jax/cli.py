@@ -21,6 +21,7 @@ COMMANDS = {
 
 
 CACHE_ENV = "RLHF_JAX_COMPILE_CACHE"
+CACHE_MAX_BYTES = 4 << 30  # least recently used programs go first beyond this
 _CACHE_OFF = ("", "0", "off", "none", "false")
 
 
@@ -55,6 +56,19 @@ def compile_cache_dir(environ: Mapping[str, str] = os.environ) -> Optional[str]:
     return path
 
 
+def use_compile_cache(environ: Mapping[str, str] = os.environ) -> Optional[str]:
+    """Points jax at `compile_cache_dir()` (capped at CACHE_MAX_BYTES unless
+    JAX_COMPILATION_CACHE_MAX_SIZE says otherwise); returns the directory or None."""
+    cache = compile_cache_dir(environ)
+    if cache is not None:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", cache)
+        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in environ:
+            jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    return cache
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: rlhf-jax <command> [options]   (rlhf-jax <command> --help for its options)", "",
@@ -79,11 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from rlhf_jax.host_memory import retain_freed_memory
 
     retain_freed_memory()  # before the first XLA buffer: no page faults per step
-    cache = compile_cache_dir()
-    if cache is not None:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", cache)
+    use_compile_cache()
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.cli(rest) or 0)
 

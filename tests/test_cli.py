@@ -1,6 +1,8 @@
 """The `rlhf-jax` entry point's compilation-cache setting (`cli.compile_cache_dir`)."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -38,3 +40,20 @@ def test_unusable_directory_is_reported_and_the_command_goes_on(tmp_path, capsys
     assert str(blocker / "xla") in err and cli.CACHE_ENV in err and "'off'" in err
     assert blocker.read_text() == "not a directory"  # nothing in the way was touched
     assert not os.path.exists(blocker / "xla")
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ({}, f"{cli.CACHE_MAX_BYTES}"),
+    ({"JAX_COMPILATION_CACHE_MAX_SIZE": "12345"}, "12345"),
+])
+def test_the_entry_point_points_jax_at_the_cache_with_a_size_cap(tmp_path, extra, expected):
+    """In a fresh process (jax's settings are process-wide): the directory, and the cap,
+    unless jax's own size setting is given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update({cli.CACHE_ENV: str(tmp_path / "xla"), **extra})
+    code = ("from rlhf_jax import cli; cli.use_compile_cache(); import jax; "
+            "print(jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(tmp_path / "xla"), expected]
