@@ -7,6 +7,7 @@ command runs, so `rlhf-jax --help` stays instant and a broken stage cannot break
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from typing import Mapping, Optional, Sequence
@@ -64,7 +65,8 @@ def use_compile_cache(environ: Mapping[str, str] = os.environ) -> Optional[str]:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", cache)
-        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in environ:
+        if ("JAX_COMPILATION_CACHE_MAX_SIZE" not in environ
+                and importlib.util.find_spec("filelock") is not None):  # jax's eviction needs it
             jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return cache
 
