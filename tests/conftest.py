@@ -13,9 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One compilation cache for the session, shared with the CLI subprocesses the tests start:
 # runs that compile the same programs (resume tests, repeated CLI runs) compile them once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rlhf_jax_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import numpy as np  # noqa: E402
