@@ -1,6 +1,7 @@
 """PPO iteration benchmark: rlhf_jax's `PPOEngine` against TRL's `PPOTrainer`, same weights.
 
     python benchmarks/ppo.py [--shape small|base|all] [--repeats N] 2> ppo.log
+    python benchmarks/ppo.py --shape llama-1b --dtype bfloat16 --no-peer   # on a GPU
 
 For each shape, random GPT-2 models are built with rlhf_jax and saved in Hugging Face format:
 the policy (causal LM; also the reference) and the reward model (sequence classification;
@@ -29,6 +30,10 @@ critic. The counted work is the same for both sides (generation: prefill + one d
 per new token; score: reference, critic and RM forwards over prompt + response; update:
 epochs × training over prompt + response for policy and critic, the LM head on every column,
 although rlhf_jax runs it only on the response columns).
+
+`--no-peer` runs rlhf_jax alone (where TRL's venv is not installed, e.g. on an accelerator
+machine); `--dtype bfloat16` computes in bfloat16 (float32 params and optimizer state), for
+rlhf_jax only.
 
 Writes benchmarks/results/ppo_<device>.json and prints a Markdown table; logs go to stderr.
 """
@@ -59,8 +64,8 @@ from rlhf_jax.models import TransformerConfig, flops_per_token  # noqa: E402
 from rlhf_jax.optim import OptimizerConfig  # noqa: E402
 from rlhf_jax.ppo_loop import PPOEngine  # noqa: E402
 
-from common import (BATCH, EOS, PAD, PROMPT_LENGTHS, arg_parser, log,  # noqa: E402
-                    make_prompts, model_config, run_shapes)
+from common import (BATCH, EOS, PAD, PROMPT_LENGTHS, arg_parser, check_peer_args,  # noqa: E402
+                    log, make_prompts, model_config, run_shapes)
 
 NEW_TOKENS = 32
 PPO_EPOCHS = 4
@@ -94,13 +99,15 @@ def model_flops_per_token(cfg: TransformerConfig, seq_len: int, training: bool,
     return f
 
 
-def ceiling_flops_per_s(cfg: TransformerConfig, token_counts, earlier: dict = None) -> dict:
+def ceiling_flops_per_s(cfg: TransformerConfig, token_counts, earlier: dict = None,
+                        dtype: str = "float32") -> dict:
     """The best measured matmul rate (rlhf_jax.perf) over the model's matmul shapes at each
     of `token_counts` rows, and every shape's rate; with `earlier` (a previous result, e.g.
     measured before the runs), each shape keeps the better of the two measurements, so that
     a burst of load from other work during one of them lowers the ceiling less."""
     shapes = sorted({s for t in token_counts for s in perf.matmul_shapes(cfg, t)})
-    rates = {f"{m}x{k}x{n}": perf.matmul_flops_per_s(m, k, n) for m, k, n in shapes}
+    rates = {f"{m}x{k}x{n}": perf.matmul_flops_per_s(m, k, n, jnp.dtype(dtype))
+             for m, k, n in shapes}
     if earlier:
         rates = {k: max(v, earlier["by_shape"].get(k, 0.0)) for k, v in rates.items()}
     return {"flops_per_s": max(rates.values()), "by_shape": rates}
@@ -213,12 +220,12 @@ def ppo_flops(cfg: TransformerConfig, prompt_width: int) -> dict:
 class Ours:
     """rlhf_jax's PPO on the saved models: `PPOEngine` built here, one iteration per call."""
 
-    def __init__(self, paths: dict, prompts, iterations: int):
+    def __init__(self, paths: dict, prompts, iterations: int, dtype: str = "float32"):
         # Unrolled layers (`scan_layers=False`): the faster setting on CPU (see README).
-        policy, policy_params = models.load_hf(paths["policy"], head="lm", scan_layers=False)
-        reward_model, reward_params = models.load_hf(paths["reward"], head="reward",
-                                                     scan_layers=False)
-        critic, critic_params = models.load_hf(paths["reward"], head="reward", scan_layers=False)
+        load = dict(scan_layers=False, dtype=dtype)
+        policy, policy_params = models.load_hf(paths["policy"], head="lm", **load)
+        reward_model, reward_params = models.load_hf(paths["reward"], head="reward", **load)
+        critic, critic_params = models.load_hf(paths["reward"], head="reward", **load)
         sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=0,
                                   top_p=1.0, stop_at_eos=False, prompt_bucket=0)
         ppo_cfg = ppo_lib.PPOConfig(ppo_epochs=PPO_EPOCHS, num_minibatches=MINIBATCHES,
@@ -267,7 +274,8 @@ def summarise(side: dict, flops: dict, ceiling: float) -> dict:
     return out
 
 
-def bench_shape(shape: str, repeats: int, tmp: str, peer_threads: int) -> dict:
+def bench_shape(shape: str, repeats: int, tmp: str, peer_threads: int, dtype: str = "float32",
+                peer: bool = True) -> dict:
     cfg = model_config(shape)
     log(f"{shape}: building {cfg.num_layers} layers, width {cfg.hidden_size}, vocab "
         f"{cfg.vocab_size} ({cfg.num_params / 1e6:.1f} M params)")
@@ -293,31 +301,41 @@ def bench_shape(shape: str, repeats: int, tmp: str, peer_threads: int) -> dict:
     t = width + NEW_TOKENS
     ceiling_rows = [BATCH, BATCH * width, BATCH * t]
     log(f"{shape}: measuring the matmul ceiling")
-    ceiling = ceiling_flops_per_s(cfg, ceiling_rows)
+    ceiling = ceiling_flops_per_s(cfg, ceiling_rows, dtype=dtype)
     load_before = perf.load_average()
-    ours_step = Ours(paths, prompts, iterations)
-    log(f"{shape}: {iterations} iterations each, TRL and rlhf_jax in turn")
-    peer_log = os.path.join(root, "trl_ppo.log")
-    ours_rows, theirs = run_lockstep("trl_ppo.py", [
-        "--policy", paths["policy"], "--reward", paths["reward"], "--tokenizer", tok_dir,
-        "--prompts", prompts_path, "--new-tokens", str(NEW_TOKENS), "--iterations",
-        str(iterations), "--ppo-epochs", str(PPO_EPOCHS), "--minibatches", str(MINIBATCHES),
-        "--learning-rate", str(LEARNING_RATE), "--threads", str(peer_threads),
-    ], peer_log, ours_step, iterations)
+    ours_step = Ours(paths, prompts, iterations, dtype)
+    if peer:
+        log(f"{shape}: {iterations} iterations each, TRL and rlhf_jax in turn")
+        peer_log = os.path.join(root, "trl_ppo.log")
+        ours_rows, theirs = run_lockstep("trl_ppo.py", [
+            "--policy", paths["policy"], "--reward", paths["reward"], "--tokenizer", tok_dir,
+            "--prompts", prompts_path, "--new-tokens", str(NEW_TOKENS), "--iterations",
+            str(iterations), "--ppo-epochs", str(PPO_EPOCHS), "--minibatches", str(MINIBATCHES),
+            "--learning-rate", str(LEARNING_RATE), "--threads", str(peer_threads),
+        ], peer_log, ours_step, iterations)
+        for i, r in enumerate([theirs["first"], *theirs["steady"]]):
+            log(f"  TRL iteration {i}: " + ", ".join(f"{k} {r[k]:.3f} s"
+                                                     for k in (*PHASES, "iteration")))
+        assert theirs["prompt_width"] == width, (theirs["prompt_width"], width)
+    else:
+        log(f"{shape}: {iterations} iterations of rlhf_jax (no peer)")
+        ours_rows, theirs = [ours_step(i) for i in range(iterations)], None
     del ours_step
     ours = {"first": ours_rows[0], "steady": ours_rows[1:]}
-    for i, r in enumerate([theirs["first"], *theirs["steady"]]):
-        log(f"  TRL iteration {i}: " + ", ".join(f"{k} {r[k]:.3f} s"
-                                                 for k in (*PHASES, "iteration")))
-    assert theirs["prompt_width"] == width, (theirs["prompt_width"], width)
     log(f"{shape}: measuring the matmul ceiling again (each shape keeps its better rate)")
-    ceiling = ceiling_flops_per_s(cfg, ceiling_rows, ceiling)
+    ceiling = ceiling_flops_per_s(cfg, ceiling_rows, ceiling, dtype)
     flops = ppo_flops(cfg, width)
     o = summarise(ours, flops, ceiling["flops_per_s"])
-    p = summarise(theirs, flops, ceiling["flops_per_s"])
-    ratio = {k: p["phases"][k]["median"] / o["phases"][k]["median"] for k in (*PHASES, "iteration")}
+    p = summarise(theirs, flops, ceiling["flops_per_s"]) if peer else None
+    ratio = best = None
+    if peer:
+        ratio = {k: p["phases"][k]["median"] / o["phases"][k]["median"]
+                 for k in (*PHASES, "iteration")}  # TRL seconds / our seconds (medians)
+        best = {k: p["phases"][k]["min"] / o["phases"][k]["min"]
+                for k in (*PHASES, "iteration")}  # the same from the fastest runs
     return {
         "shape": shape,
+        "dtype": dtype,
         "config": {k: (v.value if hasattr(v, "value") else v)
                    for k, v in vars(cfg).items() if k != "rope_scaling"},
         "num_params": cfg.num_params,
@@ -331,14 +349,14 @@ def bench_shape(shape: str, repeats: int, tmp: str, peer_threads: int) -> dict:
         "minibatches": MINIBATCHES,
         "repeats": repeats,
         "ours": {**o, "raw": ours},
-        "trl": {**p, "raw": theirs},
+        "trl": {**p, "raw": theirs} if peer else None,
         "speedup": ratio,  # TRL seconds / our seconds (medians), per phase and iteration
-        "speedup_of_best": {k: p["phases"][k]["min"] / o["phases"][k]["min"]
-                            for k in (*PHASES, "iteration")},  # the same from the fastest runs
+        "speedup_of_best": best,
         "ceiling_flops_per_s": ceiling["flops_per_s"],
         "matmul_flops_per_s": ceiling["by_shape"],
         "model_flops": flops,
-        "peer_load_and_init_s": {"load": theirs["load_s"], "init": theirs["init_s"]},
+        "peer_load_and_init_s": ({"load": theirs["load_s"], "init": theirs["init_s"]}
+                                 if peer else None),
         "load_average": {"before": load_before, "after": perf.load_average()},
     }
 
@@ -349,6 +367,8 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         for side in ("ours", "trl"):
+            if r.get(side) is None:  # a run without the peer
+                continue
             s = r[side]["phases"]
             lines.append(
                 f"| {r['shape']} | {'rlhf_jax' if side == 'ours' else 'TRL'} "
@@ -359,6 +379,8 @@ def table(rows: list[dict]) -> str:
                 f"| {100 * s['iteration']['mfu']:.1f}% | {100 * s['update']['mfu']:.1f}% "
                 f"| {r[side]['first_s']['iteration']:.2f} |")
         sp = r["speedup"]
+        if sp is None:
+            continue
         best = r["speedup_of_best"]["iteration"]
         lines.append(f"| {r['shape']} | **ours / TRL speed** | **{sp['iteration']:.2f}×** "
                      f"(fastest: {best:.2f}×) "
@@ -367,26 +389,30 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = arg_parser(__doc__, "ppo", "small", 3, "timed iterations after the first")
+    ap = arg_parser(__doc__, "ppo", "small", 3, "timed iterations after the first",
+                    ours_alone=True)
     ap.add_argument("--peer-threads", type=int, default=perf.cpu_count(),
                     help="torch.set_num_threads for TRL (default: all CPUs, torch's own default)")
     args = ap.parse_args(argv)
+    check_peer_args(args)
     result, out, rows = run_shapes(
-        "ppo", args, lambda s, tmp: bench_shape(s, args.repeats, tmp, args.peer_threads),
+        "ppo", args, lambda s, tmp: bench_shape(s, args.repeats, tmp, args.peer_threads,
+                                                args.dtype, not args.no_peer),
         lambda rows: {
-            "peer": {"name": "trl.PPOTrainer", "versions": peer_versions(),
-                     "torch_threads": rows[0]["trl"]["raw"]["torch_threads"]},
+            "peer": None if args.no_peer else {
+                "name": "trl.PPOTrainer", "versions": peer_versions(),
+                "torch_threads": rows[0]["trl"]["raw"]["torch_threads"]},
             "settings": {"batch": BATCH, "new_tokens": NEW_TOKENS,
                          "prompt_lengths": PROMPT_LENGTHS,
                          "stop": "none (ours stop_at_eos=False; TRL stop_token=None)",
-                         "dtype": "float32", "ppo_epochs": PPO_EPOCHS,
+                         "dtype": args.dtype, "ppo_epochs": PPO_EPOCHS,
                          "minibatches": MINIBATCHES, "kl_estimator": "k1",
                          "critic": "separate (starts from the reward model)",
                          "optimizer": "AdamW, lr 3e-6, no clipping"},
         })
     device = result["device"]
     print(table(result["shapes"]))
-    print(f"\n{device}, float32, batch {BATCH}, prompts {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} "
+    print(f"\n{device}, {args.dtype}, batch {BATCH}, prompts {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} "
           f"tokens, {NEW_TOKENS} new tokens, {PPO_EPOCHS} epochs × {MINIBATCHES} minibatch; "
           f"steady state = median of {args.repeats} iterations after the first; wrote {out}")
     return 0
