@@ -45,6 +45,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -148,11 +149,13 @@ def stats(times) -> dict:
 
 
 def run_lockstep(script: str, args: list[str], log_path: str, ours_step, steps: int,
-                 timeout: float = 3600) -> tuple[list, dict]:
+                 timeout: float = 3600, peer: bool = True) -> tuple[list, Optional[dict]]:
     """Runs a peer script (TRL venv) in lockstep with `ours_step(i)`: the peer does step i,
     pauses, then ours does step i, then the peer resumes; the two never run at once, and both
     see the same stretch of machine load. Returns (ours' results, the peer's JSON).
-    The peer's stderr goes to `log_path`."""
+    The peer's stderr goes to `log_path`. Without `peer`: ours alone, (results, None)."""
+    if not peer:
+        return [ours_step(i) for i in range(steps)], None
     if not os.path.exists(PEER_PYTHON):
         raise SystemExit(f"{PEER_PYTHON} is missing: create it as benchmarks/peers/"
                          "requirements-trl.txt says")
@@ -304,23 +307,20 @@ def bench_shape(shape: str, repeats: int, tmp: str, peer_threads: int, dtype: st
     ceiling = ceiling_flops_per_s(cfg, ceiling_rows, dtype=dtype)
     load_before = perf.load_average()
     ours_step = Ours(paths, prompts, iterations, dtype)
+    log(f"{shape}: {iterations} iterations " + ("each, TRL and rlhf_jax in turn" if peer
+                                                 else "of rlhf_jax (no peer)"))
+    ours_rows, theirs = run_lockstep("trl_ppo.py", [
+        "--policy", paths["policy"], "--reward", paths["reward"], "--tokenizer", tok_dir,
+        "--prompts", prompts_path, "--new-tokens", str(NEW_TOKENS), "--iterations",
+        str(iterations), "--ppo-epochs", str(PPO_EPOCHS), "--minibatches", str(MINIBATCHES),
+        "--learning-rate", str(LEARNING_RATE), "--threads", str(peer_threads),
+    ], os.path.join(root, "trl_ppo.log"), ours_step, iterations, peer=peer)
+    del ours_step
     if peer:
-        log(f"{shape}: {iterations} iterations each, TRL and rlhf_jax in turn")
-        peer_log = os.path.join(root, "trl_ppo.log")
-        ours_rows, theirs = run_lockstep("trl_ppo.py", [
-            "--policy", paths["policy"], "--reward", paths["reward"], "--tokenizer", tok_dir,
-            "--prompts", prompts_path, "--new-tokens", str(NEW_TOKENS), "--iterations",
-            str(iterations), "--ppo-epochs", str(PPO_EPOCHS), "--minibatches", str(MINIBATCHES),
-            "--learning-rate", str(LEARNING_RATE), "--threads", str(peer_threads),
-        ], peer_log, ours_step, iterations)
         for i, r in enumerate([theirs["first"], *theirs["steady"]]):
             log(f"  TRL iteration {i}: " + ", ".join(f"{k} {r[k]:.3f} s"
                                                      for k in (*PHASES, "iteration")))
         assert theirs["prompt_width"] == width, (theirs["prompt_width"], width)
-    else:
-        log(f"{shape}: {iterations} iterations of rlhf_jax (no peer)")
-        ours_rows, theirs = [ours_step(i) for i in range(iterations)], None
-    del ours_step
     ours = {"first": ours_rows[0], "steady": ours_rows[1:]}
     log(f"{shape}: measuring the matmul ceiling again (each shape keeps its better rate)")
     ceiling = ceiling_flops_per_s(cfg, ceiling_rows, ceiling, dtype)

@@ -1,6 +1,7 @@
 """Reward-model step benchmark: rlhf_jax's `rm.train_step` against TRL's `RewardTrainer`.
 
     python benchmarks/reward.py [--shape small|base|all] [--repeats N] 2> reward.log
+    python benchmarks/reward.py --shape llama-1b --dtype bfloat16 --no-peer   # on a GPU
 
 For each shape a random GPT-2 sequence-classification model is built with rlhf_jax and saved
 in Hugging Face format with a small tokenizer; rlhf_jax loads it back (`load_hf`) and TRL 0.24
@@ -20,6 +21,8 @@ MFU: training FLOPs 6·N per token plus attention (N without the LM head: the ti
 is only a lookup in a reward model) over the 2 × 16 × 64 tokens, against
 `rlhf_jax.perf`'s matmul ceiling measured in this process at the model's matmul shapes.
 
+`--no-peer` and `--dtype` as in benchmarks/ppo.py (rlhf_jax alone; bfloat16 compute).
+
 Writes benchmarks/results/reward_<device>.json and prints a Markdown table; logs to stderr.
 """
 
@@ -33,7 +36,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import arg_parser, log, model_config, run_shapes  # noqa: E402
+from common import arg_parser, check_peer_args, log, model_config, run_shapes  # noqa: E402
 from ppo import (ceiling_flops_per_s, model_flops_per_token, peer_versions,  # noqa: E402
                  run_lockstep, same_weights_check, save_tokenizer)
 
@@ -60,8 +63,9 @@ def make_pairs(vocab_size: int, steps: int, seed: int = 0) -> list[dict]:
 class Ours:
     """rlhf_jax's reward-model step (`rm.compile_steps`) on the saved model, one per call."""
 
-    def __init__(self, path: str, pairs: list[dict], steps: int):
-        model, params = models.load_hf(path, head="reward", scan_layers=False)  # faster on CPU
+    def __init__(self, path: str, pairs: list[dict], steps: int, dtype: str = "float32"):
+        model, params = models.load_hf(path, head="reward", scan_layers=False,  # faster on CPU
+                                       dtype=dtype)
         self.mesh = shd.make_mesh((1, -1, 1))
         tx = optim.make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, b2=0.999,
                                                   max_grad_norm=1.0), steps)
@@ -101,7 +105,8 @@ def summarise(side: dict, flops: float, ceiling: float) -> dict:
     return out
 
 
-def bench_shape(shape: str, repeats: int, tmp: str, peer_threads: int) -> dict:
+def bench_shape(shape: str, repeats: int, tmp: str, peer_threads: int, dtype: str = "float32",
+                peer: bool = True) -> dict:
     cfg = model_config(shape)
     log(f"{shape}: building {cfg.num_layers} layers, width {cfg.hidden_size}, vocab "
         f"{cfg.vocab_size} ({cfg.num_params / 1e6:.1f} M params)")
@@ -123,26 +128,28 @@ def bench_shape(shape: str, repeats: int, tmp: str, peer_threads: int) -> dict:
 
     tokens = 2 * PAIRS * SEQ_LEN
     log(f"{shape}: measuring the matmul ceiling")
-    ceiling = ceiling_flops_per_s(cfg, [tokens])
+    ceiling = ceiling_flops_per_s(cfg, [tokens], dtype=dtype)
     load_before = perf.load_average()
-    ours_step = Ours(path, pairs, steps)
-    log(f"{shape}: {steps} steps each, TRL and rlhf_jax in turn")
+    ours_step = Ours(path, pairs, steps, dtype)
+    log(f"{shape}: {steps} steps " + ("each, TRL and rlhf_jax in turn" if peer
+                                      else "of rlhf_jax (no peer)"))
     ours_rows, theirs = run_lockstep("trl_reward.py", [
         "--model", path, "--tokenizer", tok_dir, "--pairs", pairs_path, "--batch", str(PAIRS),
         "--steps", str(steps), "--learning-rate", str(LEARNING_RATE),
         "--threads", str(peer_threads),
-    ], os.path.join(root, "trl_reward.log"), ours_step, steps)
+    ], os.path.join(root, "trl_reward.log"), ours_step, steps, peer=peer)
     del ours_step
     ours = {"first": ours_rows[0], "steady": ours_rows[1:]}
-    for i, r in enumerate([theirs["first"], *theirs["steady"]]):
+    for i, r in enumerate([theirs["first"], *theirs["steady"]] if peer else []):
         log(f"  TRL step {i}: {r['step']:.3f} s ({r['interval']:.3f} s with data)")
     log(f"{shape}: measuring the matmul ceiling again (each shape keeps its better rate)")
-    ceiling = ceiling_flops_per_s(cfg, [tokens], ceiling)
+    ceiling = ceiling_flops_per_s(cfg, [tokens], ceiling, dtype)
     flops = tokens * model_flops_per_token(cfg, SEQ_LEN, True, lm_head=False)
     o = summarise(ours, flops, ceiling["flops_per_s"])
-    p = summarise(theirs, flops, ceiling["flops_per_s"])
+    p = summarise(theirs, flops, ceiling["flops_per_s"]) if peer else None
     return {
         "shape": shape,
+        "dtype": dtype,
         "config": {k: (v.value if hasattr(v, "value") else v)
                    for k, v in vars(cfg).items() if k != "rope_scaling"},
         "num_params": cfg.num_params,
@@ -151,9 +158,10 @@ def bench_shape(shape: str, repeats: int, tmp: str, peer_threads: int) -> dict:
         "repeats": repeats,
         "same_weights_check": check,
         "ours": {**o, "raw": ours},
-        "trl": {**p, "raw": theirs},
-        "speedup": p["step"]["median"] / o["step"]["median"],  # TRL s / our s (medians)
-        "speedup_of_best": p["step"]["min"] / o["step"]["min"],  # the same, fastest steps
+        "trl": {**p, "raw": theirs} if peer else None,
+        # TRL s / our s: medians, and the fastest steps
+        "speedup": p["step"]["median"] / o["step"]["median"] if peer else None,
+        "speedup_of_best": p["step"]["min"] / o["step"]["min"] if peer else None,
         "model_flops_per_step": flops,
         "ceiling_flops_per_s": ceiling["flops_per_s"],
         "matmul_flops_per_s": ceiling["by_shape"],
@@ -167,33 +175,40 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         for side in ("ours", "trl"):
             s = r[side]
+            if s is None:  # a run without the peer
+                continue
             lines.append(
                 f"| {r['shape']} | {'rlhf_jax' if side == 'ours' else 'TRL'} "
                 f"| {s['step']['median']:.3f} ({s['step']['min']:.3f}–{s['step']['max']:.3f}) "
                 f"| {s['pairs_per_s']:.1f} | {s['tokens_per_s']:.0f} | {100 * s['mfu']:.1f}% "
                 f"| {s['first_step_s']:.2f} |")
-        lines.append(f"| {r['shape']} | **ours / TRL speed** | **{r['speedup']:.2f}×** "
-                     f"(fastest steps: {r['speedup_of_best']:.2f}×) | | | | |")
+        if r["speedup"] is not None:
+            lines.append(f"| {r['shape']} | **ours / TRL speed** | **{r['speedup']:.2f}×** "
+                         f"(fastest steps: {r['speedup_of_best']:.2f}×) | | | | |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = arg_parser(__doc__, "reward", "small", 5, "timed steps after the first")
+    ap = arg_parser(__doc__, "reward", "small", 5, "timed steps after the first",
+                    ours_alone=True)
     ap.add_argument("--peer-threads", type=int, default=perf.cpu_count(),
                     help="torch.set_num_threads for TRL (default: all CPUs, torch's own default)")
     args = ap.parse_args(argv)
+    check_peer_args(args)
     result, out, rows = run_shapes(
-        "reward", args, lambda s, tmp: bench_shape(s, args.repeats, tmp, args.peer_threads),
+        "reward", args, lambda s, tmp: bench_shape(s, args.repeats, tmp, args.peer_threads,
+                                                   args.dtype, not args.no_peer),
         lambda rows: {
-            "peer": {"name": "trl.RewardTrainer", "versions": peer_versions(),
-                     "torch_threads": rows[0]["trl"]["raw"]["torch_threads"]},
-            "settings": {"pairs": PAIRS, "sequence_length": SEQ_LEN, "dtype": "float32",
+            "peer": None if args.no_peer else {
+                "name": "trl.RewardTrainer", "versions": peer_versions(),
+                "torch_threads": rows[0]["trl"]["raw"]["torch_threads"]},
+            "settings": {"pairs": PAIRS, "sequence_length": SEQ_LEN, "dtype": args.dtype,
                          "optimizer": "AdamW, lr 1e-5, β2 0.999, clip 1.0",
                          "gradient_checkpointing": False},
         })
     device = result["device"]
     print(table(result["shapes"]))
-    print(f"\n{device}, float32, {PAIRS} pairs × 2 × {SEQ_LEN} tokens per step; steady state = "
+    print(f"\n{device}, {args.dtype}, {PAIRS} pairs × 2 × {SEQ_LEN} tokens per step; steady state = "
           f"median of {args.repeats} steps after the first; wrote {out}")
     return 0
 
