@@ -1,9 +1,10 @@
 """Generation benchmark: rlhf_jax's rollout engine against transformers' `generate`, same weights.
 
     python benchmarks/generate.py [--shape small|base|all] [--repeats N] 2> bench.log
+    python benchmarks/generate.py --shape llama-1b --dtype bfloat16   # on a GPU
 
 For each shape a random GPT-2 model is built with rlhf_jax, saved in Hugging Face format and
-loaded back by both rlhf_jax (`load_hf`) and transformers (`GPT2LMHeadModel`, float32, eval).
+loaded back by both rlhf_jax (`load_hf`) and transformers (`AutoModelForCausalLM`, eval).
 Both sample 64 new tokens (temperature 1, no top-k / top-p, KV cache on, no early stop) for
 the same 16 left-padded random prompts of 16–32 tokens. Timed calls alternate between the two;
 the first rlhf_jax call (compilation) is timed apart from the steady-state ones. Tokens/s
@@ -19,6 +20,10 @@ itself, so one device is faster. Both are reported; the ratio uses the faster.
 The ceiling comes from `rlhf_jax.perf`, measured in this process: the best matmul rate over
 the model's matmul shapes and the streaming read bandwidth give the fastest a generate call
 of this shape could run (prefill plus 63 decode steps, each bound by compute or by memory).
+
+`--dtype bfloat16` runs both in bfloat16 (weights cast to it: inference); transformers runs on
+CUDA when torch sees a GPU, else on the CPU; `--no-peer` times rlhf_jax alone. The logits
+check always compares float32 models on the CPU.
 
 Writes benchmarks/results/generate_<device>.json (environment, settings, every raw time) and
 prints a Markdown table (stdout); progress goes to stderr.
@@ -52,11 +57,14 @@ from common import (BATCH, PAD, PROMPT_LENGTHS, arg_parser, log,  # noqa: E402
 NEW_TOKENS = 64
 
 
-def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
+def bench_shape(shape: str, repeats: int, tmp: str, dtype: str = "float32",
+                peer: bool = True) -> dict:
     import torch
     import transformers
 
     cfg = model_config(shape)
+    torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     load_before = perf.load_average()
     log(f"{shape}: building {cfg.num_layers} layers, width {cfg.hidden_size}, vocab {cfg.vocab_size}")
     path = os.path.join(tmp, shape)
@@ -64,7 +72,7 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
     models.save_hf(path, model, params)
     del params
     model, params = models.load_hf(path, head="lm")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     prompts = make_prompts(cfg.vocab_size)
     sampling = gen.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=0,
@@ -84,6 +92,11 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
     real = mask.astype(bool)
     logits_diff = float(np.abs(ours_logits[real] - theirs_logits[real]).max())
     log(f"{shape}: max |logits ours - transformers| at real tokens = {logits_diff:.2e}")
+    if dtype != "float32":  # inference in `dtype`: the weights themselves cast to it
+        model, params = models.load_hf(path, head="lm", dtype=dtype)
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    hf = hf.to(device=torch_device, dtype=torch_dtype) if peer else None
+    ids_t, mask_t = ids_t.to(torch_device), mask_t.to(torch_device)
 
     ours_fn = gen.make_generate_fn(model, sampling)
     prefill_fn = gen.make_generate_fn(model, gen.SamplingConfig(
@@ -120,6 +133,8 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
                 top_k=0, top_p=1.0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                 pad_token_id=PAD, use_cache=True,
             )
+        if torch_device == "cuda":
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         assert out.shape == (BATCH, width + NEW_TOKENS), out.shape
         return elapsed
@@ -132,34 +147,39 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
         same = np.array_equal(np.asarray(out_dp.tokens), np.asarray(out.tokens))
         log(f"{shape}: data-parallel over {dp} host devices: first call {dp_first_s:.2f} s, "
             f"same tokens as one device: {same}")
-    theirs_first_s = theirs(0)  # transformers' warm-up call
+    theirs_first_s = theirs(0) if peer else None  # transformers' warm-up call
     log(f"{shape}: first calls (ours incl. compile {first_s:.2f} s, prefill-only "
-        f"{prefill_first_s:.2f} s, transformers {theirs_first_s:.2f} s)")
+        f"{prefill_first_s:.2f} s" + (f", transformers {theirs_first_s:.2f} s)" if peer else ")"))
     # The machine's rates are measured between the timed calls too, so that they see the
     # same load as the calls (the machine may be shared).
     shapes = perf.matmul_shapes(cfg, BATCH) + perf.matmul_shapes(cfg, BATCH * width)
-    times = {"ours": [], "transformers": [], "ours_prefill": [], **({"ours_dp": []} if dp else {})}
+    times = {"ours": [], **({"transformers": []} if peer else {}), "ours_prefill": [],
+             **({"ours_dp": []} if dp else {})}
     rates = {f"{m}x{k}x{n}": [] for m, k, n in shapes}
     bandwidth = []
     for i in range(1, repeats + 1):
         times["ours"].append(ours(ours_fn, i)[0])
-        times["transformers"].append(theirs(i))
+        if peer:
+            times["transformers"].append(theirs(i))
         times["ours_prefill"].append(ours(prefill_fn, i)[0])
         if dp:
             times["ours_dp"].append(ours_dp(i)[0])
         for m, k, n in shapes:
-            rates[f"{m}x{k}x{n}"].append(perf.matmul_flops_per_s(m, k, n, repeats=3))
+            rates[f"{m}x{k}x{n}"].append(perf.matmul_flops_per_s(m, k, n, jnp.dtype(dtype),
+                                                                 repeats=3))
         bandwidth.append(perf.memory_bandwidth_bytes_per_s(repeats=3))
-        log(f"{shape}: repeat {i}/{repeats}: ours {times['ours'][-1]:.3f} s, transformers "
-            f"{times['transformers'][-1]:.3f} s, ours prefill-only {times['ours_prefill'][-1]:.3f} s, "
+        log(f"{shape}: repeat {i}/{repeats}: ours {times['ours'][-1]:.3f} s, "
+            + (f"transformers {times['transformers'][-1]:.3f} s, " if peer else "")
+            + f"ours prefill-only {times['ours_prefill'][-1]:.3f} s, "
             + (f"ours data-parallel {times['ours_dp'][-1]:.3f} s, " if dp else "") +
             f"best matmul {max(r[-1] for r in rates.values()) / 1e9:.0f} GFLOP/s, "
             f"read {bandwidth[-1] / 1e9:.1f} GB/s")
 
     new = BATCH * NEW_TOKENS
-    t_ours, t_theirs = perf.median(times["ours"]), perf.median(times["transformers"])
+    t_ours = perf.median(times["ours"])
     t_prefill = perf.median(times["ours_prefill"])
-    ours_tps, theirs_tps = new / t_ours, new / t_theirs
+    ours_tps = new / t_ours
+    theirs_tps = new / perf.median(times["transformers"]) if peer else None
     dp_tps = new / perf.median(times["ours_dp"]) if dp else None
     best_tps = max(ours_tps, dp_tps or 0.0)
     decode_tps = BATCH * (NEW_TOKENS - 1) / max(t_ours - t_prefill, 1e-9)
@@ -168,11 +188,15 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
     bytes_per_s = perf.median(bandwidth)
     prompt_len = float(np.mean([len(p) for p in prompts]))
     context = prompt_len + NEW_TOKENS / 2  # mean context of the decode steps
-    bounds = perf.decode_bounds(cfg, BATCH, int(round(context)), flops_per_s, bytes_per_s)
+    weight_bytes = jnp.dtype(dtype).itemsize
+    bounds = perf.decode_bounds(cfg, BATCH, int(round(context)), flops_per_s, bytes_per_s,
+                                weight_bytes)
     ceiling = perf.generate_ceiling_tokens_per_s(cfg, BATCH, prompt_len, NEW_TOKENS,
-                                                 flops_per_s, bytes_per_s)
+                                                 flops_per_s, bytes_per_s, weight_bytes)
     return {
         "shape": shape,
+        "dtype": dtype,
+        "transformers_device": torch_device if peer else None,
         "config": {k: (v.value if hasattr(v, "value") else v)
                    for k, v in vars(cfg).items() if k != "rope_scaling"},
         "num_params": cfg.num_params,
@@ -184,16 +208,16 @@ def bench_shape(shape: str, repeats: int, tmp: str) -> dict:
         "times_s": times,
         "first_call_s": {"ours": first_s, "ours_prefill": prefill_first_s,
                          "ours_data_parallel": dp_first_s if dp else None,
-                         "transformers": theirs_first_s},
+                         "transformers": theirs_first_s},  # None without the peer
         "ours_compile_s": first_s - t_ours,
         "ours_tokens_per_s": ours_tps,
         "transformers_tokens_per_s": theirs_tps,
-        "ratio": ours_tps / theirs_tps,
+        "ratio": ours_tps / theirs_tps if peer else None,
         "host_devices": dp or 1,
         "ours_data_parallel_tokens_per_s": dp_tps,
         "ours_data_parallel_same_tokens": bool(same) if dp else None,
         "ours_best_tokens_per_s": best_tps,
-        "ratio_best": best_tps / theirs_tps,
+        "ratio_best": best_tps / theirs_tps if peer else None,
         "ours_prefill_s": t_prefill,
         "ours_decode_tokens_per_s": decode_tps,
         "times_summary": {k: perf.summary(v) for k, v in times.items()},
@@ -220,10 +244,11 @@ def table(rows: list[dict]) -> str:
         d = r["decode_ceiling"]
         dp_tps = r.get("ours_data_parallel_tokens_per_s")
         dp = f"{dp_tps:.0f} ({r['host_devices']} devices)" if dp_tps else "—"
+        theirs = r["transformers_tokens_per_s"]
         lines.append(
             f"| {r['shape']} | {r['ours_tokens_per_s']:.0f} | {dp} "
-            f"| {r['transformers_tokens_per_s']:.0f} "
-            f"| {r['ratio_best']:.2f}× | {r['ours_compile_s']:.1f} "
+            + (f"| {theirs:.0f} | {r['ratio_best']:.2f}× " if theirs else "| — | — ")
+            + f"| {r['ours_compile_s']:.1f} "
             f"| {r['generate_ceiling_tokens_per_s']:.0f} "
             f"| {100 * r['best_fraction_of_ceiling']:.0f}% | {r['ours_decode_tokens_per_s']:.0f} "
             f"| {d['tokens_per_s']:.0f} ({d['bound']}) | {100 * r['decode_fraction_of_ceiling']:.0f}% |"
@@ -232,7 +257,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = arg_parser(__doc__, "generate", "all", 5, "timed calls of each engine per shape")
+    ap = arg_parser(__doc__, "generate", "all", 5, "timed calls of each engine per shape",
+                    ours_alone=True)
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                     help="torch.set_num_threads for transformers (default: all CPUs)")
     args = ap.parse_args(argv)
@@ -240,8 +266,11 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.torch_threads)
     result, out, rows = run_shapes(
-        "generate", args, lambda s, tmp: bench_shape(s, args.repeats, tmp),
+        "generate", args, lambda s, tmp: bench_shape(s, args.repeats, tmp, args.dtype,
+                                                     not args.no_peer),
         lambda rows: {
+            "peer": None if args.no_peer else "transformers.generate",
+            "dtype": args.dtype,
             "torch_threads": torch.get_num_threads(),
             "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "kv_cache": True,
                          "stop": "none (ours stop_at_eos=False; transformers min_new_tokens=64)"},
@@ -252,7 +281,7 @@ def main(argv=None) -> int:
     device = result["device"]
     print(table(result["shapes"]))
     loads = [r["load_average"]["before"][0] for r in rows if r["load_average"]["before"]]
-    print(f"\n{device}, float32, batch {BATCH}, prompts {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} "
+    print(f"\n{device}, {args.dtype}, batch {BATCH}, prompts {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} "
           f"tokens, {NEW_TOKENS} new tokens, median of {args.repeats}, torch threads "
           f"{torch.get_num_threads()}, 1-min load average at start {loads}; wrote {out}")
     return 0
