@@ -502,7 +502,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompts", required=True,
                     help=".txt (one prompt per line) or .jsonl (a 'prompt' field per row)")
     ap.add_argument("--out", required=True, help="output .jsonl: prompt, completion, "
-                    "num_tokens, stopped (ended with a stop token)")
+                    "num_tokens, stopped (ended with a stop token). Finished batches go to "
+                    "OUT.partial as they come; a rerun with the same prompts resumes from it")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     ap.add_argument("--chat-template", action="store_true",
                     help="wrap each prompt as a user message with the tokenizer's chat template")
@@ -545,45 +546,91 @@ def _load(args):
     return cfg, prompts, rows, model, params, tokenizer
 
 
+def read_partial(path: str, prompts: Sequence[str]) -> dict[int, dict]:
+    """Completions an interrupted `rlhf-jax generate` saved to `path` ({} if none), by prompt
+    index. A last line cut short by the interruption is dropped (and cut from the file, so
+    that appending goes on from a whole line). Raises ValueError when the file belongs to
+    other prompts or is not such a file."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    done, cut = {}, False
+    for n, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+            i = row.pop("index")
+        except (ValueError, KeyError, AttributeError, TypeError):
+            if n == len(lines):  # no newline after it: written when the run was stopped
+                cut = True
+                break
+            raise ValueError(f"{path} line {n} is not a saved completion; delete the file to "
+                             "start over") from None
+        if not (isinstance(i, int) and 0 <= i < len(prompts)
+                and row.get("prompt") == prompts[i]):
+            raise ValueError(f"{path} holds completions of other prompts (line {n}); delete it, "
+                             "or choose another --out")
+        done[i] = row
+    if cut:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"index": i, **r}, ensure_ascii=False) + "\n"
+                         for i, r in done.items())
+        os.replace(path + ".tmp", path)
+    return done
+
+
 def cli(argv: Sequence[str]) -> int:
     from tqdm import tqdm
 
     args = _parser().parse_args(list(argv))
+    partial = args.out + ".partial"
     try:
         cfg, prompts, rows, model, params, tokenizer = _load(args)
+        results = read_partial(partial, prompts)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     except (OSError, ValueError) as e:  # bad input: one line that says what to do
         print(f"rlhf-jax generate: error: {e}", file=sys.stderr)
         return 2
+    if results:
+        print(f"resuming: {len(results)} of {len(prompts)} completions already in {partial}",
+              file=sys.stderr)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = make_generate_fn(model, cfg, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
     key = jax.random.key(args.seed)
     # Similar lengths together: less padding, fewer buckets. Written back in the input order.
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    results: dict[int, dict] = {}
+    order = sorted((i for i in range(len(rows)) if i not in results), key=lambda i: len(rows[i]))
     new_tokens, start = 0, time.perf_counter()
     batches = range(0, len(order), args.batch_size)
     bar = tqdm(batches, desc="generate", unit="batch", file=sys.stderr)
-    for n, lo in enumerate(bar):
-        idx = order[lo:lo + args.batch_size]
-        ids, mask = pad_prompts([rows[i] for i in idx], cfg.prompt_bucket, int(pad or 0),
-                                args.batch_size)
-        out = jax.device_get(run(params, ids, mask, jax.random.fold_in(key, n)))
-        for row, i in enumerate(idx):
-            length = int(out.lengths[row])
-            results[i] = {
-                "prompt": prompts[i],
-                "completion": tokenizer.decode(out.tokens[row, :length], skip_special_tokens=True),
-                "num_tokens": length,
-                "stopped": bool(out.ended_with_stop[row]),
-            }
-            new_tokens += length
-        bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
+    with open(partial, "a", encoding="utf-8") as saved:
+        for n, lo in enumerate(bar):
+            idx = order[lo:lo + args.batch_size]
+            ids, mask = pad_prompts([rows[i] for i in idx], cfg.prompt_bucket, int(pad or 0),
+                                    args.batch_size)
+            out = jax.device_get(run(params, ids, mask, jax.random.fold_in(key, n)))
+            for row, i in enumerate(idx):
+                length = int(out.lengths[row])
+                results[i] = {
+                    "prompt": prompts[i],
+                    "completion": tokenizer.decode(out.tokens[row, :length],
+                                                   skip_special_tokens=True),
+                    "num_tokens": length,
+                    "stopped": bool(out.ended_with_stop[row]),
+                }
+                new_tokens += length
+                saved.write(json.dumps({"index": i, **results[i]}, ensure_ascii=False) + "\n")
+            saved.flush()
+            bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
     bar.close()
     elapsed = time.perf_counter() - start
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         for i in range(len(prompts)):
             f.write(json.dumps(results[i], ensure_ascii=False) + "\n")
-    print(f"wrote {len(prompts)} completions to {args.out}: {new_tokens} tokens in {elapsed:.1f} s "
-          f"= {new_tokens / elapsed:.1f} tokens/s (compilation included)")
+    os.replace(tmp, args.out)
+    os.remove(partial)
+    print(f"wrote {len(prompts)} completions to {args.out}: {new_tokens} new tokens in "
+          f"{elapsed:.1f} s = {new_tokens / elapsed:.1f} tokens/s (compilation included)")
     return 0

@@ -302,6 +302,72 @@ def test_cli_second_run_loads_its_programs_from_the_compilation_cache(tiny_model
     assert outputs[1] == outputs[0] and outputs[0]
 
 
+def _cli_args(model_dir, prompts, out):
+    return ["--model", model_dir, "--prompts", str(prompts), "--out", str(out),
+            "--max-new-tokens", "5", "--batch-size", "2", "--seed", "4"]
+
+
+def test_cli_resumes_from_the_batches_an_interrupted_run_saved(tiny_model_dir, tmp_path,
+                                                              monkeypatch, capsys):
+    prompts = ["the cat", "hello", "a quick brown fox", "the mat", "hello world"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial"
+    make = gen.make_generate_fn
+    calls = []
+
+    def counting(stop_after):
+        def make_fn(*a, **k):
+            fn = make(*a, **k)
+
+            def run(*args):
+                if len(calls) == stop_after:
+                    raise KeyboardInterrupt  # Ctrl-C during the next batch
+                calls.append(args[1].shape)
+                return fn(*args)
+            return run
+        return make_fn
+
+    monkeypatch.setattr(gen, "make_generate_fn", counting(stop_after=1))
+    with pytest.raises(KeyboardInterrupt):
+        gen.cli(_cli_args(tiny_model_dir, path, out))
+    assert not out.exists()
+    saved = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert len(saved) == 2 and all(prompts[r["index"]] == r["prompt"] for r in saved)
+    with open(partial, "a") as f:
+        f.write('{"index": 4, "prompt": "hel')  # a line cut short by the kill
+
+    calls.clear()
+    monkeypatch.setattr(gen, "make_generate_fn", counting(stop_after=-1))
+    assert gen.cli(_cli_args(tiny_model_dir, path, out)) == 0
+    assert "resuming: 2 of 5 completions" in capsys.readouterr().err
+    assert len(calls) == 2  # the 3 prompts left, in batches of 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    for r in saved:  # kept as saved, not sampled again
+        assert rows[r.pop("index")] == r
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"index": 0, "prompt": "something else", "completion": ""}\n', "completions of other prompts"),
+    ('{"index": 0, "prompt": "the cat"}\nnot json\n{"index": 1, "prompt": "hello"}\n',
+     "line 2 is not a saved completion"),
+])
+def test_cli_refuses_a_partial_file_it_cannot_resume_from(tiny_model_dir, tmp_path, capsys,
+                                                         content, expected):
+    path = tmp_path / "prompts.txt"
+    path.write_text("the cat\nhello\n")
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial"
+    partial.write_text(content)
+    assert gen.cli(_cli_args(tiny_model_dir, path, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "delete" in err and len(err.splitlines()) == 1
+    assert partial.read_text() == content and not out.exists()
+
+
 @pytest.mark.parametrize("content,expected", [
     ('{"prompt": "hi"}\n{"text": "no prompt here"}\n', "line 2 has no string 'prompt' field"),
     ("\n\n", "has no prompts"),
