@@ -503,7 +503,8 @@ def _parser() -> argparse.ArgumentParser:
                     help=".txt (one prompt per line) or .jsonl (a 'prompt' field per row)")
     ap.add_argument("--out", required=True, help="output .jsonl: prompt, completion, "
                     "num_tokens, stopped (ended with a stop token). Finished batches go to "
-                    "OUT.partial as they come; a rerun with the same prompts resumes from it")
+                    "OUT.partial as they come; a rerun with the same prompts and settings resumes "
+                    "from it")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     ap.add_argument("--chat-template", action="store_true",
                     help="wrap each prompt as a user message with the tokenizer's chat template")
@@ -546,17 +547,39 @@ def _load(args):
     return cfg, prompts, rows, model, params, tokenizer
 
 
-def read_partial(path: str, prompts: Sequence[str]) -> dict[int, dict]:
+def _settings(args) -> dict:
+    """What a completion depends on (besides its prompt): a partial file records it."""
+    keys = ("model", "tokenizer", "chat_template", "truncate", "dtype", "seed", "max_new_tokens",
+            "temperature", "top_k", "top_p", "greedy", "stop_token_ids", "no_stop_at_eos")
+    out = {k: getattr(args, k) for k in keys}
+    out["model"] = os.path.abspath(args.model)
+    out["tokenizer"] = os.path.abspath(args.tokenizer or args.model)
+    return out
+
+
+def read_partial(path: str, prompts: Sequence[str], settings: dict) -> dict[int, dict]:
     """Completions an interrupted `rlhf-jax generate` saved to `path` ({} if none), by prompt
-    index. A last line cut short by the interruption is dropped (and cut from the file, so
-    that appending goes on from a whole line). Raises ValueError when the file belongs to
-    other prompts or is not such a file."""
+    index; its first line holds the run's `settings`. A last line cut short by the
+    interruption is dropped (and cut from the file, so that appending goes on from a whole
+    line). Raises ValueError when the file belongs to other prompts or settings, or is not
+    such a file."""
     if not os.path.exists(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"settings": settings}) + "\n")
         return {}
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
+    try:
+        saved = json.loads(lines[0])["settings"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a partial output of rlhf-jax generate; delete it to "
+                         "start over") from None
+    changed = sorted(k for k in settings if saved.get(k) != settings[k])
+    if changed:
+        raise ValueError(f"{path} was made with other settings ({', '.join(changed)}); rerun "
+                         "with the same ones to resume, or delete it to start over")
     done, cut = {}, False
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(lines[1:], 2):
         if not line:
             continue
         try:
@@ -575,6 +598,7 @@ def read_partial(path: str, prompts: Sequence[str]) -> dict[int, dict]:
         done[i] = row
     if cut:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(lines[0] + "\n")
             f.writelines(json.dumps({"index": i, **r}, ensure_ascii=False) + "\n"
                          for i, r in done.items())
         os.replace(path + ".tmp", path)
@@ -588,8 +612,8 @@ def cli(argv: Sequence[str]) -> int:
     partial = args.out + ".partial"
     try:
         cfg, prompts, rows, model, params, tokenizer = _load(args)
-        results = read_partial(partial, prompts)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        results = read_partial(partial, prompts, _settings(args))
     except (OSError, ValueError) as e:  # bad input: one line that says what to do
         print(f"rlhf-jax generate: error: {e}", file=sys.stderr)
         return 2

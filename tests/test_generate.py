@@ -333,7 +333,8 @@ def test_cli_resumes_from_the_batches_an_interrupted_run_saved(tiny_model_dir, t
     with pytest.raises(KeyboardInterrupt):
         gen.cli(_cli_args(tiny_model_dir, path, out))
     assert not out.exists()
-    saved = [json.loads(line) for line in partial.read_text().splitlines()]
+    header, *saved = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert header["settings"]["seed"] == 4 and header["settings"]["max_new_tokens"] == 5
     assert len(saved) == 2 and all(prompts[r["index"]] == r["prompt"] for r in saved)
     with open(partial, "a") as f:
         f.write('{"index": 4, "prompt": "hel')  # a line cut short by the kill
@@ -350,19 +351,26 @@ def test_cli_resumes_from_the_batches_an_interrupted_run_saved(tiny_model_dir, t
     assert not partial.exists()
 
 
-@pytest.mark.parametrize("content,expected", [
-    ('{"index": 0, "prompt": "something else", "completion": ""}\n', "completions of other prompts"),
-    ('{"index": 0, "prompt": "the cat"}\nnot json\n{"index": 1, "prompt": "hello"}\n',
-     "line 2 is not a saved completion"),
+@pytest.mark.parametrize("content,extra,expected", [
+    ('{"index": 0, "prompt": "something else", "completion": ""}\n', [],
+     "completions of other prompts"),
+    ('{"index": 0, "prompt": "the cat"}\nnot json\n{"index": 1, "prompt": "hello"}\n', [],
+     "line 3 is not a saved completion"),
+    ('{"index": 0, "prompt": "the cat"}\n', ["--seed", "5", "--temperature", "0.5"],
+     "other settings (seed, temperature)"),
+    (None, [], "is not a partial output"),
 ])
 def test_cli_refuses_a_partial_file_it_cannot_resume_from(tiny_model_dir, tmp_path, capsys,
-                                                         content, expected):
+                                                         content, extra, expected):
     path = tmp_path / "prompts.txt"
     path.write_text("the cat\nhello\n")
     out = tmp_path / "out.jsonl"
     partial = tmp_path / "out.jsonl.partial"
+    settings = gen._settings(gen._parser().parse_args(_cli_args(tiny_model_dir, path, out)))
+    content = ('{"index": 0}\n' if content is None
+               else json.dumps({"settings": settings}) + "\n" + content)
     partial.write_text(content)
-    assert gen.cli(_cli_args(tiny_model_dir, path, out)) == 2
+    assert gen.cli(_cli_args(tiny_model_dir, path, out) + extra) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and "delete" in err and len(err.splitlines()) == 1
     assert partial.read_text() == content and not out.exists()
