@@ -93,7 +93,7 @@ def bench_shape(shape: str, repeats: int, tmp: str, dtype: str = "float32",
     logits_diff = float(np.abs(ours_logits[real] - theirs_logits[real]).max())
     log(f"{shape}: max |logits ours - transformers| at real tokens = {logits_diff:.2e}")
     if dtype != "float32":  # inference in `dtype`: the weights themselves cast to it
-        model, params = models.load_hf(path, head="lm", dtype=dtype)
+        model = model.clone(cfg=model.cfg.replace(dtype=dtype))
         params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
     hf = hf.to(device=torch_device, dtype=torch_dtype) if peer else None
     ids_t, mask_t = ids_t.to(torch_device), mask_t.to(torch_device)

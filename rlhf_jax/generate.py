@@ -557,6 +557,10 @@ def _settings(args) -> dict:
     return out
 
 
+def _partial_line(index: int, completion: dict) -> str:
+    return json.dumps({"index": index, **completion}, ensure_ascii=False) + "\n"
+
+
 def read_partial(path: str, prompts: Sequence[str], settings: dict) -> dict[int, dict]:
     """Completions an interrupted `rlhf-jax generate` saved to `path` ({} if none), by prompt
     index; its first line holds the run's `settings`. A last line cut short by the
@@ -564,8 +568,6 @@ def read_partial(path: str, prompts: Sequence[str], settings: dict) -> dict[int,
     line). Raises ValueError when the file belongs to other prompts or settings, or is not
     such a file."""
     if not os.path.exists(path):
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"settings": settings}) + "\n")
         return {}
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
@@ -599,8 +601,7 @@ def read_partial(path: str, prompts: Sequence[str], settings: dict) -> dict[int,
     if cut:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(lines[0] + "\n")
-            f.writelines(json.dumps({"index": i, **r}, ensure_ascii=False) + "\n"
-                         for i, r in done.items())
+            f.writelines(_partial_line(i, r) for i, r in done.items())
         os.replace(path + ".tmp", path)
     return done
 
@@ -613,7 +614,8 @@ def cli(argv: Sequence[str]) -> int:
     try:
         cfg, prompts, rows, model, params, tokenizer = _load(args)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        results = read_partial(partial, prompts, _settings(args))
+        settings = _settings(args)
+        results = read_partial(partial, prompts, settings)
     except (OSError, ValueError) as e:  # bad input: one line that says what to do
         print(f"rlhf-jax generate: error: {e}", file=sys.stderr)
         return 2
@@ -629,6 +631,8 @@ def cli(argv: Sequence[str]) -> int:
     batches = range(0, len(order), args.batch_size)
     bar = tqdm(batches, desc="generate", unit="batch", file=sys.stderr)
     with open(partial, "a", encoding="utf-8") as saved:
+        if saved.tell() == 0:  # a new file: first the settings its completions depend on
+            saved.write(json.dumps({"settings": settings}) + "\n")
         for n, lo in enumerate(bar):
             idx = order[lo:lo + args.batch_size]
             ids, mask = pad_prompts([rows[i] for i in idx], cfg.prompt_bucket, int(pad or 0),
@@ -644,7 +648,7 @@ def cli(argv: Sequence[str]) -> int:
                     "stopped": bool(out.ended_with_stop[row]),
                 }
                 new_tokens += length
-                saved.write(json.dumps({"index": i, **results[i]}, ensure_ascii=False) + "\n")
+                saved.write(_partial_line(i, results[i]))
             saved.flush()
             bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
     bar.close()
