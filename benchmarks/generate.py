@@ -17,6 +17,11 @@ accelerators (`rlhf_jax.sharding`). At small widths a decode step is per-op over
 two devices overlap; at base width it is memory-bound and each device streams the weights
 itself, so one device is faster. Both are reported; the ratio uses the faster.
 
+On CPU rlhf_jax decodes from column panels of the weights (rlhf_jax/models/panels.py), cut
+on the host once per set of params; every call here reuses them, as a run over many batches
+does. The cut is timed apart (`ours_panels_cut_s`) and `ratio_with_panel_cut` is the ratio if
+every call paid for one (as each PPO iteration does, with new params).
+
 The ceiling comes from `rlhf_jax.perf`, measured in this process: the best matmul rate over
 the model's matmul shapes and the streaming read bandwidth give the fastest a generate call
 of this shape could run (prefill plus 63 decode steps, each bound by compute or by memory).
@@ -98,9 +103,17 @@ def bench_shape(shape: str, repeats: int, tmp: str, dtype: str = "float32",
     hf = hf.to(device=torch_device, dtype=torch_dtype) if peer else None
     ids_t, mask_t = ids_t.to(torch_device), mask_t.to(torch_device)
 
-    ours_fn = gen.make_generate_fn(model, sampling)
+    # One function per set of params: each keeps the decode panels of the params it saw last.
+    ours_fn, dp_fn = (gen.make_generate_fn(model, sampling) for _ in range(2))
     prefill_fn = gen.make_generate_fn(model, gen.SamplingConfig(
         max_new_tokens=1, temperature=1.0, stop_at_eos=False, prompt_bucket=0))
+
+    def cut_panels():
+        """Seconds to cut and place the decode panels (once per params; None: not used)."""
+        start = time.perf_counter()
+        panels = gen.cpu_decode_panels(model.cfg, params)
+        jax.block_until_ready(panels)
+        return None if panels is None else time.perf_counter() - start
 
     def ours(fn, seed):
         start = time.perf_counter()
@@ -120,7 +133,7 @@ def bench_shape(shape: str, repeats: int, tmp: str, dtype: str = "float32",
     def ours_dp(seed):
         with shd.use_mesh(mesh):
             start = time.perf_counter()
-            out = ours_fn(params_dp, ids_dp, mask_dp, jax.random.key(seed))
+            out = dp_fn(params_dp, ids_dp, mask_dp, jax.random.key(seed))
             out.tokens.block_until_ready()
             return time.perf_counter() - start, out
 
@@ -153,8 +166,9 @@ def bench_shape(shape: str, repeats: int, tmp: str, dtype: str = "float32",
     # The machine's rates are measured between the timed calls too, so that they see the
     # same load as the calls (the machine may be shared).
     shapes = perf.matmul_shapes(cfg, BATCH) + perf.matmul_shapes(cfg, BATCH * width)
+    panels = cut_panels() is not None
     times = {"ours": [], **({"transformers": []} if peer else {}), "ours_prefill": [],
-             **({"ours_dp": []} if dp else {})}
+             **({"ours_dp": []} if dp else {}), **({"panels": []} if panels else {})}
     rates = {f"{m}x{k}x{n}": [] for m, k, n in shapes}
     bandwidth = []
     for i in range(1, repeats + 1):
@@ -164,6 +178,8 @@ def bench_shape(shape: str, repeats: int, tmp: str, dtype: str = "float32",
         times["ours_prefill"].append(ours(prefill_fn, i)[0])
         if dp:
             times["ours_dp"].append(ours_dp(i)[0])
+        if panels:
+            times["panels"].append(cut_panels())
         for m, k, n in shapes:
             rates[f"{m}x{k}x{n}"].append(perf.matmul_flops_per_s(m, k, n, jnp.dtype(dtype),
                                                                  repeats=3))
@@ -171,7 +187,8 @@ def bench_shape(shape: str, repeats: int, tmp: str, dtype: str = "float32",
         log(f"{shape}: repeat {i}/{repeats}: ours {times['ours'][-1]:.3f} s, "
             + (f"transformers {times['transformers'][-1]:.3f} s, " if peer else "")
             + f"ours prefill-only {times['ours_prefill'][-1]:.3f} s, "
-            + (f"ours data-parallel {times['ours_dp'][-1]:.3f} s, " if dp else "") +
+            + (f"ours data-parallel {times['ours_dp'][-1]:.3f} s, " if dp else "")
+            + (f"panels cut {times['panels'][-1]:.3f} s, " if panels else "") +
             f"best matmul {max(r[-1] for r in rates.values()) / 1e9:.0f} GFLOP/s, "
             f"read {bandwidth[-1] / 1e9:.1f} GB/s")
 
@@ -219,6 +236,12 @@ def bench_shape(shape: str, repeats: int, tmp: str, dtype: str = "float32",
         "ours_best_tokens_per_s": best_tps,
         "ratio_best": best_tps / theirs_tps if peer else None,
         "ours_prefill_s": t_prefill,
+        # Decode panels: cut once per params (not in the timed calls, which reuse them);
+        # the ratio if every call paid for a new cut.
+        "ours_decode_panels": panels,
+        "ours_panels_cut_s": perf.median(times["panels"]) if panels else None,
+        "ratio_with_panel_cut": (new / (t_ours + perf.median(times["panels"])) / theirs_tps
+                                 if panels and peer else None),
         "ours_decode_tokens_per_s": decode_tps,
         "times_summary": {k: perf.summary(v) for k, v in times.items()},
         "matmul_flops_per_s": rates,

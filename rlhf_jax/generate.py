@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+import weakref
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -42,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import check
-from rlhf_jax.models.transformer import KVCache, init_cache, last_token_index
+from rlhf_jax.models.panels import decode_panels
+from rlhf_jax.models.transformer import KVCache, init_cache, last_token_index, panel_dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,10 +224,15 @@ def _lm_head(model: nn.Module, params: Any) -> jax.Array:
     return params["lm_head"]["kernel"]
 
 
-def _project(hidden: jax.Array, head: jax.Array, dtype) -> jax.Array:
+def _project(hidden: jax.Array, head: jax.Array, dtype, panels=None) -> jax.Array:
     """Logits [B, T, V] in float32 from hidden [B, T, D] and the [D, V] head of `_lm_head`
-    (what `CausalLM.logits` computes)."""
-    logits = jnp.einsum("btd,dv->btv", hidden.astype(dtype), head.astype(dtype))
+    (what `CausalLM.logits` computes), or from its column panels."""
+    if panels is None:
+        logits = jnp.einsum("btd,dv->btv", hidden.astype(dtype), head.astype(dtype))
+    else:
+        b, t, d = hidden.shape
+        logits = panel_dot(hidden.reshape(b * t, d).astype(dtype), panels, dtype)
+        logits = logits.reshape(b, t, -1)
     return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab")).astype(jnp.float32)
 
 
@@ -259,6 +266,7 @@ def generate(
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     rng: jax.Array,
+    panels: Optional[dict] = None,
     *,
     model: nn.Module,
     cfg: SamplingConfig,
@@ -272,6 +280,9 @@ def generate(
       prompt_ids, prompt_mask: [B, P] prompts, padded (left padding is the usual layout;
         any padding works since positions count real tokens only).
       rng: PRNG key; step t draws with `fold_in(rng, t)`. The same key gives the same rollout.
+      panels: optional `decode_panels(model.cfg, params)`, placed like params: the decode
+        steps multiply by these column panels instead of the kernels (faster on CPU; the
+        prefill uses the kernels). `make_generate_fn` passes them on CPU.
       model, cfg, stop_ids, pad_id: static; close over them (see `make_generate_fn`).
     """
     b, p = prompt_ids.shape
@@ -280,6 +291,11 @@ def generate(
     model, params = unrolled(model, params)
     variables = {"params": params}
     head = _lm_head(model, params)
+    head_panels = None
+    decode_variables = variables
+    if panels is not None:
+        head_panels = panels["lm_head"]["kernel"]
+        decode_variables = {**variables, "panels": {"model": panels["model"]}}
 
     def is_stop(token):  # [B] -> [B] bool
         return jnp.any(token[:, None] == stop_ids[None, :], axis=1)
@@ -303,8 +319,9 @@ def generate(
     def decode(loop: _Loop) -> _Loop:
         """Feeds the last token (masked for rows that are done) and samples the next one."""
         live = (~loop.done).astype(jnp.int32)[:, None]
-        hidden, cache = model.apply(variables, loop.last[:, None], live, loop.cache, method=_trunk)
-        logits = _project(hidden, head, jnp.dtype(model.cfg.dtype))[:, 0]
+        hidden, cache = model.apply(decode_variables, loop.last[:, None], live, loop.cache,
+                                    method=_trunk)
+        logits = _project(hidden, head, jnp.dtype(model.cfg.dtype), head_panels)[:, 0]
         return sample(_constrain(loop.replace(logits=logits, cache=cache)))
 
     def running(loop: _Loop):
@@ -356,6 +373,7 @@ def make_generate_fn(
     *,
     eos_token_id: Optional[int] = None,
     pad_token_id: Optional[int] = None,
+    cpu_panels: bool = True,
 ):
     """`generate(params, prompt_ids, prompt_mask, rng) -> Rollout`, jit-compiled.
 
@@ -363,13 +381,57 @@ def make_generate_fn(
     params placed with `rlhf_jax.sharding` and the batch via `shard_batch`, and call it inside
     `sharding.use_mesh(mesh)`: the cache follows the batch sharding (kv heads on `tensor`).
     One compilation per distinct (B, P); bucket P with `pad_prompts` / `tokenize_prompts`.
+
+    With `cpu_panels`, params that live on CPU (one device, or replicated) are decoded from
+    column panels (rlhf_jax/models/panels.py): same tokens, ~25% faster decode steps at
+    base size, for a host copy of the weights kept until the next params (cut once per
+    params; ~0.1 s at 91 M params) and a longer first compile.
     """
     pad = pad_token_id if pad_token_id is not None else model.cfg.pad_token_id
     fn = functools.partial(
         generate, model=model, cfg=cfg, stop_ids=stop_ids_for(model.cfg, cfg, eos_token_id),
         pad_id=int(pad or 0),
     )
-    return jax.jit(functools.wraps(generate)(fn))
+    jitted = jax.jit(functools.wraps(generate)(fn))
+    if not cpu_panels:
+        return jitted
+    panels_for = _PanelCache(model.cfg)
+
+    @functools.wraps(generate)
+    def call(params, prompt_ids, prompt_mask, rng):
+        return jitted(params, prompt_ids, prompt_mask, rng, panels_for(params))
+    return call
+
+
+def cpu_decode_panels(cfg, params) -> Optional[dict]:
+    """`decode_panels(cfg, params)` placed like params, for `generate`'s `panels`; None
+    where panels do not apply: params traced, or not on CPU, or split over devices
+    (tensor-parallel)."""
+    leaves = jax.tree.leaves(params)
+    if not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+               and x.sharding.is_fully_replicated
+               and all(d.platform == "cpu" for d in x.sharding.device_set) for x in leaves):
+        return None
+    flat, tree = jax.tree.flatten(decode_panels(cfg, params))
+    return jax.tree.unflatten(tree, jax.device_put(flat, leaves[0].sharding))
+
+
+class _PanelCache:
+    """`cpu_decode_panels` of the last params seen."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.refs = []  # weak references to the params leaves the panels were cut from
+        self.panels = None
+
+    def __call__(self, params):
+        leaves = jax.tree.leaves(params)
+        if len(self.refs) != len(leaves) or any(r() is not x for r, x in zip(self.refs, leaves)):
+            self.refs, self.panels = [], None  # the old panels go before the new are cut
+            self.panels = cpu_decode_panels(self.cfg, params)
+            if self.panels is not None:
+                self.refs = [weakref.ref(x) for x in leaves]
+        return self.panels
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,21 +204,42 @@ class _Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel, bias = _declare_dense(self, x.shape[-1], self.features, self.names, self.use_bias)
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
+        y = _matmul(self, "kernel", x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel,
+                    self.dtype)
         if bias is not None:
             y = y + bias.astype(self.dtype)
         return y.reshape(*x.shape[:-1], self.features)
 
 
-def _fused_dense(x: Array, weights: list, dtype) -> list:
+def panel_dot(x: Array, panels, dtype) -> Array:
+    """x [M, K] times a kernel given as its column panels (`panels.column_panels`): [M, N]."""
+    return jnp.concatenate([jnp.dot(x, p.astype(dtype)) for p in panels], axis=-1)
+
+
+def _matmul(module: nn.Module, name: str, x: Array, kernel: Array, dtype) -> Array:
+    """x [M, K] @ kernel [K, N], or from the kernel's column panels when the caller passed
+    them in the "panels" collection under `name` (the decode loop on CPU does; see
+    rlhf_jax/models/panels.py)."""
+    if module.has_variable("panels", name):
+        return panel_dot(x, module.get_variable("panels", name), dtype)
+    return jnp.dot(x, kernel.astype(dtype))
+
+
+def _fused_dense(module: nn.Module, name: str, x: Array, weights: list, dtype) -> list:
     """[x @ W_i + b_i for each (W_i, b_i)] computed as one matmul over the stacked kernels.
 
     The kernels (all [D, F]) are stacked on a new middle axis, [D, n, F], so one dot of
     width n·F replaces n narrow ones (on CPU a [2048, 256] × [256, 256] dot runs at half the
     rate of a [256, 768] one), and a kernel sharded on F stays sharded without moving data.
+    `name` is the panels' name on `module` (see `_matmul`).
     """
-    kernel = jnp.stack([k for k, _ in weights], axis=1).astype(dtype)
-    y = jnp.einsum("...d,dnf->...nf", x.astype(dtype), kernel)
+    if module.has_variable("panels", name):
+        y = panel_dot(x.reshape(-1, x.shape[-1]).astype(dtype),
+                      module.get_variable("panels", name), dtype)
+        y = y.reshape(*x.shape[:-1], len(weights), -1)
+    else:
+        kernel = jnp.stack([k for k, _ in weights], axis=1).astype(dtype)
+        y = jnp.einsum("...d,dnf->...nf", x.astype(dtype), kernel)
     if weights[0][1] is not None:
         y = y + jnp.stack([b for _, b in weights]).astype(dtype)
     return [y[..., i, :] for i in range(len(weights))]
@@ -258,10 +279,10 @@ class Attention(nn.Module):
         wk = _DenseWeights(kh * dh, ("embed", "kv_heads"), cfg.qkv_bias, name="k")(d_in)
         wv = _DenseWeights(kh * dh, ("embed", "kv_heads"), cfg.qkv_bias, name="v")(d_in)
         if kh == h:  # one matmul for q, k and v
-            q, k, v = _fused_dense(x, [wq, wk, wv], dtype)
+            q, k, v = _fused_dense(self, "qkv", x, [wq, wk, wv], dtype)
         else:  # grouped-query attention: q is wider than k and v
-            (q,) = _fused_dense(x, [wq], dtype)
-            k, v = _fused_dense(x, [wk, wv], dtype)
+            (q,) = _fused_dense(self, "q", x, [wq], dtype)
+            k, v = _fused_dense(self, "kv", x, [wk, wv], dtype)
         q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, kh, dh), v.reshape(b, t, kh, dh)
         if not cfg.learned_positions:
             inv_freq = rope_frequencies(cfg)
@@ -309,8 +330,8 @@ class MLP(nn.Module):
             fc = _Dense(f, ("embed", "mlp"), True, dtype, name="fc")
             hidden = jax.nn.gelu(fc(x), approximate=True)
         else:
-            gate, up = _fused_dense(x, [_DenseWeights(f, ("embed", "mlp"), False, name=n)(d)
-                                        for n in ("gate", "up")], dtype)
+            weights = [_DenseWeights(f, ("embed", "mlp"), False, name=n)(d) for n in ("gate", "up")]
+            gate, up = _fused_dense(self, "gate_up", x, weights, dtype)
             hidden = jax.nn.silu(gate) * up
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
         return _Dense(d, ("mlp", "embed"), cfg.family == Family.GPT2, dtype, name="down")(hidden)
