@@ -413,7 +413,11 @@ def cpu_decode_panels(cfg, params) -> Optional[dict]:
                and all(d.platform == "cpu" for d in x.sharding.device_set) for x in leaves):
         return None
     flat, tree = jax.tree.flatten(decode_panels(cfg, params))
-    return jax.tree.unflatten(tree, jax.device_put(flat, leaves[0].sharding))
+    # Committed like the params: a committed input would commit the rollout, and every jitted
+    # step it feeds would compile again for the new placement.
+    committed = any(x.committed for x in leaves)
+    flat = jax.device_put(flat, leaves[0].sharding) if committed else jax.device_put(flat)
+    return jax.tree.unflatten(tree, flat)
 
 
 class _PanelCache:

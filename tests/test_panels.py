@@ -51,6 +51,19 @@ def test_panel_decoding_gives_the_rollout_of_the_plain_kernels(family):
         assert len(np.unique(outs[0].tokens)) > 8
 
 
+def test_panels_leave_the_rollout_placed_as_the_plain_kernels_do():
+    """Panels committed to a device would commit the rollout, and each jitted step fed with it
+    (PPO's score and update) would compile a second time."""
+    model, params = models.init_model(_config("gpt2"), seed=3)
+    ids, mask = padded_batch((7, 3, 5, 1), 8, vocab=131)
+    cfg = gen.SamplingConfig(max_new_tokens=4)
+    for placed in (params, jax.device_put(params, jax.devices()[1])):
+        outs = [gen.make_generate_fn(model, cfg, cpu_panels=panels)(
+            placed, ids, mask, jax.random.key(1)) for panels in (True, False)]
+        assert outs[0].tokens.committed == outs[1].tokens.committed
+        assert outs[0].tokens.devices() == outs[1].tokens.devices()
+
+
 def test_decode_steps_read_the_panels_not_the_kernels():
     cfg = _config("llama")
     model, params = models.init_model(cfg, seed=3)
