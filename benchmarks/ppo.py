@@ -66,7 +66,7 @@ from rlhf_jax.optim import OptimizerConfig  # noqa: E402
 from rlhf_jax.ppo_loop import PPOEngine  # noqa: E402
 
 from common import (BATCH, EOS, PAD, PROMPT_LENGTHS, arg_parser, check_peer_args,  # noqa: E402
-                    log, make_prompts, model_config, run_shapes)
+                    freeze_live_objects, log, make_prompts, model_config, run_shapes)
 
 NEW_TOKENS = 32
 PPO_EPOCHS = 4
@@ -307,6 +307,7 @@ def bench_shape(shape: str, repeats: int, tmp: str, peer_threads: int, dtype: st
     ceiling = ceiling_flops_per_s(cfg, ceiling_rows, dtype=dtype)
     load_before = perf.load_average()
     ours_step = Ours(paths, prompts, iterations, dtype)
+    freeze_live_objects()  # set-up done (the TRL peer does the same before training)
     log(f"{shape}: {iterations} iterations " + ("each, TRL and rlhf_jax in turn" if peer
                                                  else "of rlhf_jax (no peer)"))
     ours_rows, theirs = run_lockstep("trl_ppo.py", [

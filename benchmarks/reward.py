@@ -36,7 +36,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import arg_parser, check_peer_args, log, model_config, run_shapes  # noqa: E402
+from common import (arg_parser, check_peer_args, freeze_live_objects, log,  # noqa: E402
+                    model_config, run_shapes)
 from ppo import (ceiling_flops_per_s, model_flops_per_token, peer_versions,  # noqa: E402
                  run_lockstep, same_weights_check, save_tokenizer)
 
@@ -131,6 +132,7 @@ def bench_shape(shape: str, repeats: int, tmp: str, peer_threads: int, dtype: st
     ceiling = ceiling_flops_per_s(cfg, [tokens], dtype=dtype)
     load_before = perf.load_average()
     ours_step = Ours(path, pairs, steps, dtype)
+    freeze_live_objects()  # set-up done (the TRL peer does the same before training)
     log(f"{shape}: {steps} steps " + ("each, TRL and rlhf_jax in turn" if peer
                                       else "of rlhf_jax (no peer)"))
     ours_rows, theirs = run_lockstep("trl_reward.py", [

@@ -92,11 +92,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         print(f"rlhf-jax: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from rlhf_jax.host_memory import retain_freed_memory
+    from rlhf_jax.host_memory import freeze_live_objects, retain_freed_memory
 
     retain_freed_memory()  # before the first XLA buffer: no page faults per step
     use_compile_cache()
     module = importlib.import_module(COMMANDS[name][0])
+    freeze_live_objects()  # the imports: full garbage collections stop rescanning them
     return int(module.cli(rest) or 0)
 
 

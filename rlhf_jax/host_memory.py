@@ -17,12 +17,19 @@ reserved for it until it exits, as with the caching allocators of GPU runtimes.
 
 The CLI and the benchmark scripts call it at start-up; a program that imports the training
 steps may call it itself. It does nothing (returns False) where libc is not glibc.
+
+`freeze_live_objects()` is the same idea for Python's cyclic garbage collector: the objects
+alive after start-up (imported modules, loaded configs and models) are never garbage, yet
+every full collection scanned them again. In the base PPO benchmark a full collection took
+0.27–0.37 s, about once an iteration, in whichever phase was allocating at the time (often
+generation, which allocates ~1 400 arrays of decode panels); with the imports frozen, 0.07–0.2 s.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import sys
 
 # mallopt(3) parameters (malloc.h).
@@ -53,3 +60,12 @@ def retain_freed_memory() -> bool:
                 (_M_ARENA_MAX, 1))  # one heap for every thread, so freed blocks are reused
     _applied = all(mallopt(param, value) == 1 for param, value in settings)
     return _applied
+
+
+def freeze_live_objects() -> int:
+    """`gc.freeze()`: every object alive now moves to the collector's permanent generation,
+    which its collections no longer scan. Call it after start-up (imports, model loading).
+    Returns how many objects are frozen."""
+    gc.collect()  # what is garbage already goes first, not into the permanent generation
+    gc.freeze()
+    return gc.get_freeze_count()

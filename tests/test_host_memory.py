@@ -1,8 +1,11 @@
-"""rlhf_jax.host_memory: XLA:CPU's per-call buffers stop page-faulting once it is applied."""
+"""rlhf_jax.host_memory: XLA:CPU's per-call buffers stop page-faulting once it is applied;
+frozen start-up objects leave the garbage collector's scans."""
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 
@@ -74,3 +77,22 @@ def test_a_freed_block_above_2_gib_stays_in_the_process():
 def test_retain_freed_memory_is_idempotent():
     first = host_memory.retain_freed_memory()
     assert host_memory.retain_freed_memory() == first
+
+
+def test_freeze_live_objects_freezes_what_is_alive_and_collects_garbage_first():
+    class Node:
+        pass
+
+    garbage = Node()
+    garbage.self = garbage  # a reference cycle: only the cyclic collector frees it
+    gone = weakref.ref(garbage)
+    del garbage
+    alive = [Node()]
+    try:
+        frozen = host_memory.freeze_live_objects()
+        assert gone() is None  # collected, not frozen
+        assert frozen == gc.get_freeze_count() > 0
+        assert not any(o is alive for o in gc.get_objects())  # out of the scanned generations
+    finally:
+        gc.unfreeze()
+    assert any(o is alive for o in gc.get_objects())

@@ -1,4 +1,4 @@
-"""What the TRL peer scripts share: offline environment, logging, and the host allocator.
+"""What the TRL peer scripts share: offline environment, logging, the host allocator and GC.
 
 They run in their own venv (benchmarks/peers/.venv-trl), which has no rlhf_jax installed;
 `retain_freed_memory` loads rlhf_jax/host_memory.py by path (it needs only the standard
@@ -27,10 +27,20 @@ def logger(name: str):
     return log
 
 
-def retain_freed_memory() -> bool:
-    """rlhf_jax.host_memory.retain_freed_memory, applied in this process."""
+def _host_memory():
     spec = importlib.util.spec_from_file_location(
         "rlhf_jax_host_memory", os.path.join(ROOT, "rlhf_jax", "host_memory.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.retain_freed_memory()
+    return module
+
+
+def retain_freed_memory() -> bool:
+    """rlhf_jax.host_memory.retain_freed_memory, applied in this process."""
+    return _host_memory().retain_freed_memory()
+
+
+def freeze_live_objects() -> int:
+    """rlhf_jax.host_memory.freeze_live_objects, applied in this process (after set-up, as
+    rlhf_jax's side does before its timed runs)."""
+    return _host_memory().freeze_live_objects()

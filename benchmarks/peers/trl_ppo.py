@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 
-from peer_common import logger, retain_freed_memory
+from peer_common import freeze_live_objects, logger, retain_freed_memory
 
 log = logger("trl_ppo")
 
@@ -158,6 +158,7 @@ def main(argv=None) -> int:
                                  eval_dataset=dataset, callbacks=[Marks()])
         init_s = time.perf_counter() - t_init
         log(f"training {args.iterations} iterations of batch {batch}")
+        freeze_live_objects()  # set-up done, as on rlhf_jax's side
         t_train = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - t_train

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from peer_common import logger, retain_freed_memory
+from peer_common import freeze_live_objects, logger, retain_freed_memory
 
 log = logger("trl_reward")
 
@@ -97,6 +97,7 @@ def main(argv=None) -> int:
                                     processing_class=tok, callbacks=[Marks()])
         init_s = time.perf_counter() - t_init
         log(f"training {args.steps} steps of {args.batch} pairs")
+        freeze_live_objects()  # set-up done, as on rlhf_jax's side
         t_train = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - t_train
