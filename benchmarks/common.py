@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from rlhf_jax import perf  # noqa: E402
-from rlhf_jax.host_memory import freeze_live_objects, retain_freed_memory  # noqa: E402,F401
+from rlhf_jax.host_memory import retain_freed_memory  # noqa: E402
 
 retain_freed_memory()  # as the CLI does; the peer scripts apply the same glibc settings
 import jax  # noqa: E402

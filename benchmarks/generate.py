@@ -56,8 +56,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rlhf_jax import generate as gen  # noqa: E402
 from rlhf_jax import models, perf  # noqa: E402
 from rlhf_jax import sharding as shd  # noqa: E402
-from common import (BATCH, PAD, PROMPT_LENGTHS, arg_parser, freeze_live_objects,  # noqa: E402
-                    log, make_prompts, model_config, run_shapes)
+from rlhf_jax.host_memory import freeze_live_objects  # noqa: E402
+from common import (BATCH, PAD, PROMPT_LENGTHS, arg_parser, log,  # noqa: E402
+                    make_prompts, model_config, run_shapes)
 
 NEW_TOKENS = 64
 

@@ -65,8 +65,9 @@ from rlhf_jax.models import TransformerConfig, flops_per_token  # noqa: E402
 from rlhf_jax.optim import OptimizerConfig  # noqa: E402
 from rlhf_jax.ppo_loop import PPOEngine  # noqa: E402
 
+from rlhf_jax.host_memory import freeze_live_objects  # noqa: E402
 from common import (BATCH, EOS, PAD, PROMPT_LENGTHS, arg_parser, check_peer_args,  # noqa: E402
-                    freeze_live_objects, log, make_prompts, model_config, run_shapes)
+                    log, make_prompts, model_config, run_shapes)
 
 NEW_TOKENS = 32
 PPO_EPOCHS = 4

@@ -36,8 +36,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (arg_parser, check_peer_args, freeze_live_objects, log,  # noqa: E402
-                    model_config, run_shapes)
+from common import arg_parser, check_peer_args, log, model_config, run_shapes  # noqa: E402
 from ppo import (ceiling_flops_per_s, model_flops_per_token, peer_versions,  # noqa: E402
                  run_lockstep, same_weights_check, save_tokenizer)
 
@@ -46,6 +45,7 @@ import numpy as np  # noqa: E402
 
 from rlhf_jax import models, optim, perf, rm  # noqa: E402
 from rlhf_jax import sharding as shd  # noqa: E402
+from rlhf_jax.host_memory import freeze_live_objects  # noqa: E402
 from rlhf_jax.optim import OptimizerConfig  # noqa: E402
 
 PAIRS = 16

@@ -12,7 +12,8 @@ Cutting the panels inside the jitted program costs XLA:CPU one compiled kernel p
 of params: numpy copies into 64-byte-aligned buffers (which `jax.device_put` then wraps
 without copying on CPU). The model reads them from the "panels" variable collection
 (`transformer._matmul`); `rlhf_jax.generate.make_generate_fn` passes them to its decode
-loop when the params live on one CPU device. Prefill and training keep the plain kernels.
+loop when the params live on CPU, on one device or replicated over several (placed like the
+params). Prefill and training keep the plain kernels.
 """
 
 from __future__ import annotations
