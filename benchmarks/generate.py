@@ -53,7 +53,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rlhf_jax import generate as gen  # noqa: E402
+from rlhf_jax.models import sampling as gen  # noqa: E402
+from rlhf_jax.models.panels import cpu_decode_panels  # noqa: E402
 from rlhf_jax import models, perf  # noqa: E402
 from rlhf_jax import sharding as shd  # noqa: E402
 from rlhf_jax.host_memory import freeze_live_objects  # noqa: E402
@@ -112,7 +113,7 @@ def bench_shape(shape: str, repeats: int, tmp: str, dtype: str = "float32",
     def cut_panels():
         """Seconds to cut and place the decode panels (once per params; None: not used)."""
         start = time.perf_counter()
-        panels = gen.cpu_decode_panels(model.cfg, params)
+        panels = cpu_decode_panels(model.cfg, params)
         jax.block_until_ready(panels)
         return None if panels is None else time.perf_counter() - start
 

@@ -58,12 +58,13 @@ import numpy as np  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from rlhf_jax import models, optim, perf  # noqa: E402
-from rlhf_jax import ppo as ppo_lib  # noqa: E402
-from rlhf_jax.generate import SamplingConfig, pad_prompts  # noqa: E402
+from rlhf_jax import models, perf  # noqa: E402
+from rlhf_jax.train import optim  # noqa: E402
+from rlhf_jax.rl import ppo as ppo_lib  # noqa: E402
+from rlhf_jax.models.sampling import SamplingConfig, pad_prompts  # noqa: E402
 from rlhf_jax.models import TransformerConfig, flops_per_token  # noqa: E402
-from rlhf_jax.optim import OptimizerConfig  # noqa: E402
-from rlhf_jax.ppo_loop import PPOEngine  # noqa: E402
+from rlhf_jax.train.optim import OptimizerConfig  # noqa: E402
+from rlhf_jax.stages.ppo import PPOEngine  # noqa: E402
 
 from rlhf_jax.host_memory import freeze_live_objects  # noqa: E402
 from common import (BATCH, EOS, PAD, PROMPT_LENGTHS, arg_parser, check_peer_args,  # noqa: E402
@@ -85,7 +86,7 @@ PHASES = ("generate", "score", "update")
 def save_tokenizer(path: str):
     """A small byte-level BPE (<pad>=0, <bos>=1, <eos>=2) saved at `path`; the benchmarks feed
     token ids directly, so only its special tokens matter."""
-    from rlhf_jax.tiny import train_tokenizer
+    from rlhf_jax.world.tiny import train_tokenizer
 
     texts = [f"the quick brown fox {i} jumps over the lazy dog {i * 7}" for i in range(200)]
     return train_tokenizer(texts, vocab_size=300, path=path)

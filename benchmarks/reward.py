@@ -43,10 +43,12 @@ from ppo import (ceiling_flops_per_s, model_flops_per_token, peer_versions,  # n
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rlhf_jax import models, optim, perf, rm  # noqa: E402
+from rlhf_jax import models, perf  # noqa: E402
+from rlhf_jax.train import optim  # noqa: E402
+from rlhf_jax.stages import rm  # noqa: E402
 from rlhf_jax import sharding as shd  # noqa: E402
 from rlhf_jax.host_memory import freeze_live_objects  # noqa: E402
-from rlhf_jax.optim import OptimizerConfig  # noqa: E402
+from rlhf_jax.train.optim import OptimizerConfig  # noqa: E402
 
 PAIRS = 16
 SEQ_LEN = 64

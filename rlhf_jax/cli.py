@@ -14,10 +14,10 @@ from typing import Mapping, Optional, Sequence
 
 COMMANDS = {
     "demo": ("rlhf_jax.demo.pipeline", "run the whole RLHF pipeline on a built-in task (CPU, minutes)"),
-    "sft": ("rlhf_jax.sft", "supervised fine-tuning on demonstrations"),
-    "rm": ("rlhf_jax.rm", "train a reward model on preference pairs"),
-    "ppo": ("rlhf_jax.ppo_loop", "fine-tune a policy with PPO against a reward model"),
-    "generate": ("rlhf_jax.generate", "sample completions for a file of prompts"),
+    "sft": ("rlhf_jax.stages.sft", "supervised fine-tuning on demonstrations"),
+    "rm": ("rlhf_jax.stages.rm", "train a reward model on preference pairs"),
+    "ppo": ("rlhf_jax.stages.ppo", "fine-tune a policy with PPO against a reward model"),
+    "generate": ("rlhf_jax.tools.generate", "sample completions for a file of prompts"),
 }
 
 

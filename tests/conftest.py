@@ -120,7 +120,7 @@ def ppo_inputs(tmp_path_factory):
     import jax
 
     from rlhf_jax import models
-    from rlhf_jax.tiny import tiny_config, train_tokenizer
+    from rlhf_jax.world.tiny import tiny_config, train_tokenizer
 
     words = ["the film was", "a great movie", "boring plot", "I loved it", "bad acting"]
     tok = train_tokenizer([" ".join(words)] * 50, vocab_size=300, path=str(root / "tok"))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import LENGTHS, normal, response_mask, with_garbage
-from rlhf_jax import advantages as adv
+from rlhf_jax.rl import advantages as adv
 
 B, T = len(LENGTHS), 9
 TOL = dict(rtol=1e-5, atol=1e-5)

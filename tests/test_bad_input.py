@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from rlhf_jax import cli, models
-from rlhf_jax.tiny import tiny_config, train_tokenizer
+from rlhf_jax.world.tiny import tiny_config, train_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GOOD = {"prompt": "review of the film:", "chosen": " a great movie", "rejected": " boring plot"}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
+from rlhf_jax.train.checkpoint import Checkpointer, CheckpointError, abstract_like
 
 
 def state_at(step):

@@ -10,7 +10,7 @@ import pytest
 from rlhf_jax.data import DataConfig, DataError, load_preferences
 from rlhf_jax.data.batching import BatchPlan
 from rlhf_jax.data.formats import split_common_prefix
-from rlhf_jax.tiny import train_tokenizer
+from rlhf_jax.world.tiny import train_tokenizer
 
 WORDS = "the cat sat on a mat and dog ran to park good bad very happy sad Human Assistant user"
 

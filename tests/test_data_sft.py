@@ -11,7 +11,7 @@ from rlhf_jax.data import DataError
 from rlhf_jax.data.sft import (
     DemoDataConfig, SFTDataConfig, SFTFormat, generate_demonstrations, load_sft, pack,
 )
-from rlhf_jax.tiny import train_tokenizer
+from rlhf_jax.world.tiny import train_tokenizer
 
 WORDS = "the cat sat on a mat and dog ran to park good bad very happy sad hi hello user x y"
 BOS, EOS = 1, 2

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from rlhf_jax.demo import world
+from rlhf_jax.world import movies as world
 
 
 def test_gold_judge_prefers_positive_finished_reviews():

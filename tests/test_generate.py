@@ -13,10 +13,11 @@ import torch
 from scipy import stats
 
 from conftest import FAMILIES, padded_batch
-from rlhf_jax import generate as gen
+from rlhf_jax.models import sampling as gen
+from rlhf_jax.tools import generate as generate_cli
 from rlhf_jax import models
 from rlhf_jax import sharding as shd
-from rlhf_jax.tiny import tiny_config, train_tokenizer
+from rlhf_jax.world.tiny import tiny_config, train_tokenizer
 
 R = 10
 
@@ -329,9 +330,9 @@ def test_cli_resumes_from_the_batches_an_interrupted_run_saved(tiny_model_dir, t
             return run
         return make_fn
 
-    monkeypatch.setattr(gen, "make_generate_fn", counting(stop_after=1))
+    monkeypatch.setattr(generate_cli, "make_generate_fn", counting(stop_after=1))
     with pytest.raises(KeyboardInterrupt):
-        gen.cli(_cli_args(tiny_model_dir, path, out))
+        generate_cli.cli(_cli_args(tiny_model_dir, path, out))
     assert not out.exists()
     header, *saved = [json.loads(line) for line in partial.read_text().splitlines()]
     assert header["settings"]["seed"] == 4 and header["settings"]["max_new_tokens"] == 5
@@ -340,8 +341,8 @@ def test_cli_resumes_from_the_batches_an_interrupted_run_saved(tiny_model_dir, t
         f.write('{"index": 4, "prompt": "hel')  # a line cut short by the kill
 
     calls.clear()
-    monkeypatch.setattr(gen, "make_generate_fn", counting(stop_after=-1))
-    assert gen.cli(_cli_args(tiny_model_dir, path, out)) == 0
+    monkeypatch.setattr(generate_cli, "make_generate_fn", counting(stop_after=-1))
+    assert generate_cli.cli(_cli_args(tiny_model_dir, path, out)) == 0
     assert "resuming: 2 of 5 completions" in capsys.readouterr().err
     assert len(calls) == 2  # the 3 prompts left, in batches of 2
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -366,11 +367,11 @@ def test_cli_refuses_a_partial_file_it_cannot_resume_from(tiny_model_dir, tmp_pa
     path.write_text("the cat\nhello\n")
     out = tmp_path / "out.jsonl"
     partial = tmp_path / "out.jsonl.partial"
-    settings = gen._settings(gen._parser().parse_args(_cli_args(tiny_model_dir, path, out)))
+    settings = generate_cli._settings(generate_cli._parser().parse_args(_cli_args(tiny_model_dir, path, out)))
     content = ('{"index": 0}\n' if content is None
                else json.dumps({"settings": settings}) + "\n" + content)
     partial.write_text(content)
-    assert gen.cli(_cli_args(tiny_model_dir, path, out) + extra) == 2
+    assert generate_cli.cli(_cli_args(tiny_model_dir, path, out) + extra) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and "delete" in err and len(err.splitlines()) == 1
     assert partial.read_text() == content and not out.exists()
@@ -387,7 +388,7 @@ def test_cli_bad_input_is_one_line_not_a_traceback(tiny_model_dir, tmp_path, cap
     prompts = tmp_path / ("prompts.jsonl" if content and "{" in content else "prompts.txt")
     if content is not None:
         prompts.write_text(content)
-    rc = gen.cli(["--model", tiny_model_dir, "--prompts", str(prompts),
+    rc = generate_cli.cli(["--model", tiny_model_dir, "--prompts", str(prompts),
                   "--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "12"])
     err = capsys.readouterr().err.strip()
     assert rc == 2

@@ -170,7 +170,7 @@ def test_reward_normalisation_exported(hf_checkpoint, tmp_path, family):
 
 
 def test_tokenizer_and_chat_template_from_local_path(tmp_path):
-    from rlhf_jax.tiny import train_tokenizer
+    from rlhf_jax.world.tiny import train_tokenizer
 
     train_tokenizer(["the cat sat on the mat"] * 20 + ["hello world"] * 20, 300, str(tmp_path))
     tok = models.load_tokenizer(str(tmp_path))

@@ -3,7 +3,7 @@
 import math
 import os
 
-from rlhf_jax.logging import MetricsLogger, format_table, read_jsonl
+from rlhf_jax.train.logging import MetricsLogger, format_table, read_jsonl
 
 
 def test_rows_resume_and_non_finite(tmp_path):

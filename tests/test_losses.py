@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import LENGTHS, normal, response_mask, with_garbage
-from rlhf_jax import losses as L
+from rlhf_jax.rl import losses as L
 
 B, T, V = len(LENGTHS), 9, 11
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import FAMILIES, padded_batch
 from rlhf_jax import models
-from rlhf_jax.tiny import tiny_config
+from rlhf_jax.world.tiny import tiny_config
 
 
 def init(cfg, head="lm", seed=0):

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from conftest import FAMILIES, padded_batch
-from rlhf_jax import generate as gen
+from rlhf_jax.models import sampling as gen
 from rlhf_jax import models
 from rlhf_jax import sharding as shd
+from rlhf_jax.models import panels
 from rlhf_jax.models.panels import column_panels, decode_panels
-from rlhf_jax.tiny import tiny_config
+from rlhf_jax.world.tiny import tiny_config
 
 
 def test_column_panels_are_aligned_contiguous_columns_of_the_kernel():
@@ -83,7 +84,7 @@ def test_panels_are_cut_once_per_params_and_only_where_they_apply(monkeypatch):
     cfg = _config("gpt2")
     model, params = models.init_model(cfg, seed=3)
     cuts = []
-    monkeypatch.setattr(gen, "decode_panels", lambda *a: cuts.append(1) or decode_panels(*a))
+    monkeypatch.setattr(panels, "decode_panels", lambda *a: cuts.append(1) or decode_panels(*a))
     ids, mask = padded_batch((7, 3, 5, 1, 8, 2, 6, 4), 8, vocab=131)
     fn = gen.make_generate_fn(model, gen.SamplingConfig(max_new_tokens=6, greedy=True))
     ref = jax.device_get(fn(params, ids, mask, jax.random.key(0)))

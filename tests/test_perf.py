@@ -5,7 +5,7 @@ import math
 import pytest
 
 from rlhf_jax import perf
-from rlhf_jax.tiny import tiny_config
+from rlhf_jax.world.tiny import tiny_config
 
 
 def test_measured_rates_are_positive_and_finite():

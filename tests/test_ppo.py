@@ -7,11 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import generate, models, optim, ppo
+from rlhf_jax.models import sampling as generate
+from rlhf_jax import models
+from rlhf_jax.train import optim
+from rlhf_jax.rl import ppo
 from rlhf_jax.config import ConfigError
-from rlhf_jax.generate import SamplingConfig
+from rlhf_jax.models.sampling import SamplingConfig
 from rlhf_jax import sharding as shd
-from rlhf_jax.tiny import tiny_config
+from rlhf_jax.world.tiny import tiny_config
 
 B, P, R, V = 8, 6, 5, 64
 

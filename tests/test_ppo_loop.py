@@ -13,15 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import models, optim, ppo
+from rlhf_jax import models
+from rlhf_jax.train import optim
+from rlhf_jax.rl import ppo
 from rlhf_jax import sharding as shd
-from rlhf_jax.checkpoint import CheckpointConfig
+from rlhf_jax.train.checkpoint import CheckpointConfig
 from rlhf_jax.data.prompts import PromptDataConfig
-from rlhf_jax.generate import SamplingConfig
-from rlhf_jax.logging import read_jsonl
-from rlhf_jax.optim import OptimizerConfig
-from rlhf_jax.ppo_loop import PPOEngine, PPORunConfig, train
-from rlhf_jax.tiny import tiny_config
+from rlhf_jax.models.sampling import SamplingConfig
+from rlhf_jax.train.logging import read_jsonl
+from rlhf_jax.train.optim import OptimizerConfig
+from rlhf_jax.stages.ppo import PPOEngine, PPORunConfig, train
+from rlhf_jax.world.tiny import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 V, P, R, B, TARGET = 32, 4, 8, 16, 5

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import padded_batch
-from rlhf_jax import config, models, optim, rm
+from rlhf_jax import config, models
+from rlhf_jax.train import optim
+from rlhf_jax.stages import rm
 from rlhf_jax import sharding as shd
-from rlhf_jax.tiny import tiny_config
+from rlhf_jax.world.tiny import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import config, models, sft
+from rlhf_jax import config, models
+from rlhf_jax.stages import sft
 from rlhf_jax.data.sft import SFTDataConfig, load_sft
-from rlhf_jax.tiny import tiny_config, train_tokenizer
+from rlhf_jax.world.tiny import tiny_config, train_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORDS = "the cat sat on a mat and dog ran to park good bad very happy sad red blue green"
@@ -132,7 +133,7 @@ def run_config(out, data, tok_dir, *overrides):
 
 
 def train_losses(out):
-    from rlhf_jax.logging import read_jsonl
+    from rlhf_jax.train.logging import read_jsonl
 
     return [r["train/loss"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
             if "train/loss" in r]
@@ -173,7 +174,7 @@ def test_resumed_run_ends_bitwise_where_an_uninterrupted_one_does(memorised, tmp
 
 
 def test_cli_smoke(tmp_path):
-    from rlhf_jax.logging import read_jsonl
+    from rlhf_jax.train.logging import read_jsonl
 
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(

@@ -8,7 +8,7 @@ import pytest
 from conftest import padded_batch
 from rlhf_jax import models
 from rlhf_jax import sharding as shd
-from rlhf_jax.tiny import tiny_config
+from rlhf_jax.world.tiny import tiny_config
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 

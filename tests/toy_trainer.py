@@ -16,9 +16,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from rlhf_jax import optim  # noqa: E402
-from rlhf_jax.checkpoint import CheckpointConfig  # noqa: E402
-from rlhf_jax.runner import GuardConfig, NonFiniteError, Runner  # noqa: E402
+from rlhf_jax.train import optim  # noqa: E402
+from rlhf_jax.train.checkpoint import CheckpointConfig  # noqa: E402
+from rlhf_jax.train.runner import GuardConfig, NonFiniteError, Runner  # noqa: E402
 
 
 def batch(step, nan_at):

@@ -11,7 +11,7 @@
 from rlhf_jax.data.config import DataConfig, Format, OnBadRow, Truncation
 from rlhf_jax.data.formats import DataError
 from rlhf_jax.data.preference import PreferenceData, load_preferences
-from rlhf_jax.data.synthetic import SyntheticConfig
+from rlhf_jax.world.preferences import SyntheticConfig
 
 __all__ = ["DataConfig", "DataError", "Format", "OnBadRow", "PreferenceData", "SyntheticConfig",
            "Truncation", "load_preferences"]

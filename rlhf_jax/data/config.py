@@ -8,7 +8,7 @@ import enum
 from typing import Optional
 
 from rlhf_jax.config import check
-from rlhf_jax.data.synthetic import SyntheticConfig
+from rlhf_jax.world.preferences import SyntheticConfig
 
 
 class Format(str, enum.Enum):

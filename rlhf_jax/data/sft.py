@@ -77,7 +77,7 @@ ACCEPTED = ("prompt_completion (prompt, completion as strings)",
 
 @dataclasses.dataclass(frozen=True)
 class DemoDataConfig:
-    """Demonstrations generated from the demo's movie-review world (`rlhf_jax.demo.world`),
+    """Demonstrations generated from the demo's movie-review world (`rlhf_jax.world.movies`),
     with a BPE tokenizer trained on that world's corpus.
 
     Attributes:
@@ -440,8 +440,8 @@ def generate_demonstrations(cfg: DemoDataConfig, directory: str) -> dict[str, st
     Returns:
       {"train": path, "eval": path or "" (num_eval = 0), "tokenizer": directory}.
     """
-    from rlhf_jax.demo import world
-    from rlhf_jax.tiny import train_tokenizer
+    from rlhf_jax.world import movies as world
+    from rlhf_jax.world.tiny import train_tokenizer
 
     paths = {"train": os.path.join(directory, "train.jsonl"),
              "eval": os.path.join(directory, "eval.jsonl") if cfg.num_eval else "",

@@ -6,8 +6,8 @@ Everything is offline, made here from `world.py`:
   3. preference collection: the SFT model writes two reviews per prompt and the hidden gold
      judge labels each pair with Bradley-Terry noise, like people would; written to
      data/preferences.jsonl in the explicit prompt/chosen/rejected format;
-  4. reward model training (`rlhf_jax.rm`) from the SFT model, with held-out accuracy;
-  5. PPO (`rlhf_jax.ppo_loop`) against the learned reward model;
+  4. reward model training (`rlhf_jax.stages.rm`) from the SFT model, with held-out accuracy;
+  5. PPO (`rlhf_jax.stages.ppo`) against the learned reward model;
   6. evaluation on held-out prompts: gold and RM rewards of the SFT and PPO policies, KL of
      PPO to the SFT reference, PPO's win rate over SFT judged by gold, samples before/after.
 The report (report.md, plots/*.png, summary.json) goes to the output directory; the models
@@ -29,18 +29,21 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from rlhf_jax import models, optim, ppo, ppo_loop, rm, sft
-from rlhf_jax.checkpoint import CheckpointConfig
+from rlhf_jax import models
+from rlhf_jax.train import optim
+from rlhf_jax.rl import ppo
+from rlhf_jax.stages import ppo as ppo_loop, rm, sft
+from rlhf_jax.train.checkpoint import CheckpointConfig
 from rlhf_jax.config import ConfigError, check
 from rlhf_jax.data import DataConfig
 from rlhf_jax.data.prompts import PromptDataConfig
 from rlhf_jax.data.sft import SFTDataConfig
-from rlhf_jax.demo import world
-from rlhf_jax.generate import SamplingConfig, make_generate_fn, pad_prompts
-from rlhf_jax.logging import read_jsonl
-from rlhf_jax.optim import OptimizerConfig
-from rlhf_jax.trainer import ModelConfig
-from rlhf_jax.tiny import tiny_config, train_tokenizer
+from rlhf_jax.world import movies as world
+from rlhf_jax.models.sampling import SamplingConfig, make_generate_fn, pad_prompts
+from rlhf_jax.train.logging import read_jsonl
+from rlhf_jax.train.optim import OptimizerConfig
+from rlhf_jax.train.loop import ModelConfig
+from rlhf_jax.world.tiny import tiny_config, train_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,7 +472,7 @@ def _num(x) -> str:
 
 
 def _write_report(out_dir: str, s: dict) -> None:
-    from rlhf_jax.logging import format_table
+    from rlhf_jax.train.logging import format_table
 
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(s, f, indent=2)

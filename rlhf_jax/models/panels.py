@@ -11,7 +11,7 @@ Cutting the panels inside the jitted program costs XLA:CPU one compiled kernel p
 (~1 300 at base size, a fivefold compile), so they are cut here, on the host, once per set
 of params: numpy copies into 64-byte-aligned buffers (which `jax.device_put` then wraps
 without copying on CPU). The model reads them from the "panels" variable collection
-(`transformer._matmul`); `rlhf_jax.generate.make_generate_fn` passes them to its decode
+(`transformer._matmul`); `rlhf_jax.models.sampling.make_generate_fn` passes them to its decode
 loop when the params live on CPU, on one device or replicated over several (placed like the
 params). Prefill and training keep the plain kernels.
 """
@@ -19,10 +19,12 @@ params). Prefill and training keep the plain kernels.
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -122,3 +124,38 @@ def decode_panels(cfg: TransformerConfig, params: Any, width: int = PANEL_WIDTH)
         (head_panels,) = column_panels([head], dtype, width, pool)
     return {"model": {f"layers_{i}": layer for i, layer in enumerate(layers)},
             "lm_head": {"kernel": head_panels}}
+
+
+def cpu_decode_panels(cfg, params) -> Optional[dict]:
+    """`decode_panels(cfg, params)` placed like params, for `generate`'s `panels`; None
+    where panels do not apply: params traced, or not on CPU, or split over devices
+    (tensor-parallel)."""
+    leaves = jax.tree.leaves(params)
+    if not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+               and x.sharding.is_fully_replicated
+               and all(d.platform == "cpu" for d in x.sharding.device_set) for x in leaves):
+        return None
+    flat, tree = jax.tree.flatten(decode_panels(cfg, params))
+    # Committed like the params: a committed input would commit the rollout, and every jitted
+    # step it feeds would compile again for the new placement.
+    committed = any(x.committed for x in leaves)
+    flat = jax.device_put(flat, leaves[0].sharding) if committed else jax.device_put(flat)
+    return jax.tree.unflatten(tree, flat)
+
+
+class PanelCache:
+    """`cpu_decode_panels` of the last params seen (weak references: the panels go with the params)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.refs = []  # weak references to the params leaves the panels were cut from
+        self.panels = None
+
+    def __call__(self, params):
+        leaves = jax.tree.leaves(params)
+        if len(self.refs) != len(leaves) or any(r() is not x for r, x in zip(self.refs, leaves)):
+            self.refs, self.panels = [], None  # the old panels go before the new are cut
+            self.panels = cpu_decode_panels(self.cfg, params)
+            if self.panels is not None:
+                self.refs = [weakref.ref(x) for x in leaves]
+        return self.panels

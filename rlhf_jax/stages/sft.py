@@ -25,12 +25,12 @@ import numpy as np
 import optax
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import optim
+from rlhf_jax.train import optim
 from rlhf_jax import sharding as shd
 from rlhf_jax.data.sft import (
     DemoDataConfig, SFTData, SFTDataConfig, generate_demonstrations, load_sft,
 )
-from rlhf_jax.trainer import (
+from rlhf_jax.train.loop import (
     RunConfig,
     Stage,
     fit,
@@ -38,7 +38,7 @@ from rlhf_jax.trainer import (
     load_tokenizer,
     sum_over_epoch,
 )
-from rlhf_jax.runner import run_command
+from rlhf_jax.train.runner import run_command
 
 # ----------------------------------------------------------------------------- config
 

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import optim
-from rlhf_jax.advantages import (  # noqa: F401 - the public PPO API lives here too
+from rlhf_jax.train import optim
+from rlhf_jax.rl.advantages import (  # noqa: F401 - the public PPO API lives here too
     KLControl,
     KLEstimator,
     gae,
@@ -34,8 +34,8 @@ from rlhf_jax.advantages import (  # noqa: F401 - the public PPO API lives here 
     shape_rewards,
 )
 from rlhf_jax.config import check
-from rlhf_jax.generate import Rollout  # noqa: F401 - what `score` takes
-from rlhf_jax.losses import entropy_sum, logprobs_from_logits, policy_loss, value_loss
+from rlhf_jax.models.sampling import Rollout  # noqa: F401 - what `score` takes
+from rlhf_jax.rl.losses import entropy_sum, logprobs_from_logits, policy_loss, value_loss
 
 
 class ValueKind(str, enum.Enum):

@@ -102,7 +102,7 @@ def generate(cfg: SyntheticConfig, directory: str) -> dict[str, str]:
     Returns:
       {"train": path, "eval": path or "" (num_eval = 0), "tokenizer": directory}.
     """
-    from rlhf_jax.tiny import train_tokenizer
+    from rlhf_jax.world.tiny import train_tokenizer
 
     paths = {
         "train": os.path.join(directory, "train.jsonl"),

@@ -9,12 +9,13 @@ from typing import Callable, Optional
 
 import jax
 
-from rlhf_jax import models, optim, perf
+from rlhf_jax import models, perf
+from rlhf_jax.train import optim
 from rlhf_jax import sharding as shd
-from rlhf_jax.checkpoint import CheckpointConfig
+from rlhf_jax.train.checkpoint import CheckpointConfig
 from rlhf_jax.config import ConfigError, check
 from rlhf_jax.models.config import Family, TransformerConfig
-from rlhf_jax.runner import GuardConfig
+from rlhf_jax.train.runner import GuardConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,8 +288,8 @@ def fit(cfg, stage: Stage, log: Callable[[str], None] = print, progress_desc: st
 
     from tqdm import tqdm
 
-    from rlhf_jax.logging import MetricsLogger
-    from rlhf_jax.runner import Runner
+    from rlhf_jax.train.logging import MetricsLogger
+    from rlhf_jax.train.runner import Runner
 
     wall = time.perf_counter()
     tokenizer, train_data, held_out = stage.load_data(cfg)

@@ -7,7 +7,7 @@ skew a mean. Metrics are sums too (divide by the same count); they carry no grad
 
 Shapes: B responses, T response tokens, V vocabulary. `mask` [B, T] is 1 at real response
 tokens; values at masked positions (garbage, NaN) never reach a result or a gradient.
-Per-token KL estimators live in `rlhf_jax.advantages` (they shape the reward).
+Per-token KL estimators live in `rlhf_jax.rl.advantages` (they shape the reward).
 """
 
 from __future__ import annotations

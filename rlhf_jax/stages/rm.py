@@ -26,12 +26,15 @@ import numpy as np
 import optax
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import losses, models, optim
+from rlhf_jax.rl import losses
+from rlhf_jax import models
+from rlhf_jax.train import optim
 from rlhf_jax import sharding as shd
 from rlhf_jax.config import check
-from rlhf_jax.data import DataConfig, PreferenceData, load_preferences, synthetic
-from rlhf_jax.runner import run_command
-from rlhf_jax.trainer import (  # noqa: F401 - ArchConfig, ModelConfig, create_state: public here
+from rlhf_jax.data import DataConfig, PreferenceData, load_preferences
+from rlhf_jax.world import preferences as synthetic
+from rlhf_jax.train.runner import run_command
+from rlhf_jax.train.loop import (  # noqa: F401 - ArchConfig, ModelConfig, create_state: public here
     ArchConfig,
     ModelConfig,
     RunConfig,

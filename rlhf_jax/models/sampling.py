@@ -26,14 +26,8 @@ which tokens may be drawn.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
-import os
-import sys
-import time
-import weakref
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -43,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import check
-from rlhf_jax.models.panels import decode_panels
+from rlhf_jax.models.panels import PanelCache
 from rlhf_jax.models.transformer import KVCache, init_cache, last_token_index, panel_dot
 
 
@@ -396,47 +390,12 @@ def make_generate_fn(
     jitted = jax.jit(functools.wraps(generate)(fn))
     if not cpu_panels:
         return jitted
-    panels_for = _PanelCache(model.cfg)
+    panels_for = PanelCache(model.cfg)
 
     @functools.wraps(generate)
     def call(params, prompt_ids, prompt_mask, rng):
         return jitted(params, prompt_ids, prompt_mask, rng, panels_for(params))
     return call
-
-
-def cpu_decode_panels(cfg, params) -> Optional[dict]:
-    """`decode_panels(cfg, params)` placed like params, for `generate`'s `panels`; None
-    where panels do not apply: params traced, or not on CPU, or split over devices
-    (tensor-parallel)."""
-    leaves = jax.tree.leaves(params)
-    if not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-               and x.sharding.is_fully_replicated
-               and all(d.platform == "cpu" for d in x.sharding.device_set) for x in leaves):
-        return None
-    flat, tree = jax.tree.flatten(decode_panels(cfg, params))
-    # Committed like the params: a committed input would commit the rollout, and every jitted
-    # step it feeds would compile again for the new placement.
-    committed = any(x.committed for x in leaves)
-    flat = jax.device_put(flat, leaves[0].sharding) if committed else jax.device_put(flat)
-    return jax.tree.unflatten(tree, flat)
-
-
-class _PanelCache:
-    """`cpu_decode_panels` of the last params seen."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.refs = []  # weak references to the params leaves the panels were cut from
-        self.panels = None
-
-    def __call__(self, params):
-        leaves = jax.tree.leaves(params)
-        if len(self.refs) != len(leaves) or any(r() is not x for r, x in zip(self.refs, leaves)):
-            self.refs, self.panels = [], None  # the old panels go before the new are cut
-            self.panels = cpu_decode_panels(self.cfg, params)
-            if self.panels is not None:
-                self.refs = [weakref.ref(x) for x in leaves]
-        return self.panels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,209 +482,3 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], cfg: SamplingConfig, max
                           truncate=truncate)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return pad_prompts(rows, cfg.prompt_bucket, int(pad or 0), batch_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# `rlhf-jax generate`
-
-
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a .txt file (one per non-empty line) or .jsonl (a "prompt" field per row)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"prompts file {path!r} does not exist; pass a .txt file (one prompt per line) "
-            "or a .jsonl file (one {\"prompt\": ...} object per line)"
-        )
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not path.endswith(".jsonl"):
-            prompts.append(line)
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}); write one JSON "
-                             "object per line") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path} line {n} has no string 'prompt' field; each row needs "
-                             "{\"prompt\": \"...\"}")
-        prompts.append(row["prompt"])
-    if not prompts:
-        raise ValueError(f"prompts file {path!r} has no prompts; write one prompt per line (.txt) "
-                         "or one {\"prompt\": ...} object per line (.jsonl)")
-    return prompts
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="rlhf-jax generate",
-        description="Sample completions for a file of prompts with a Hugging Face format model.",
-    )
-    ap.add_argument("--model", required=True, help="model directory (config.json + safetensors)")
-    ap.add_argument("--prompts", required=True,
-                    help=".txt (one prompt per line) or .jsonl (a 'prompt' field per row)")
-    ap.add_argument("--out", required=True, help="output .jsonl: prompt, completion, "
-                    "num_tokens, stopped (ended with a stop token). Finished batches go to "
-                    "OUT.partial as they come; a rerun with the same prompts and settings resumes "
-                    "from it")
-    ap.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    ap.add_argument("--chat-template", action="store_true",
-                    help="wrap each prompt as a user message with the tokenizer's chat template")
-    ap.add_argument("--truncate", action="store_true",
-                    help="left-truncate prompts that leave no room for max-new-tokens "
-                         "(default: stop with an error)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    d = SamplingConfig()
-    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    ap.add_argument("--temperature", type=float, default=d.temperature)
-    ap.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    ap.add_argument("--top-p", type=float, default=d.top_p, help="1.0 = off")
-    ap.add_argument("--greedy", action="store_true")
-    ap.add_argument("--stop-token-ids", type=int, nargs="*", default=[],
-                    help="token ids that end a completion, besides EOS")
-    ap.add_argument("--no-stop-at-eos", action="store_true", help="do not stop at EOS")
-    ap.add_argument("--prompt-bucket", type=int, default=d.prompt_bucket,
-                    help="round prompt widths up to a multiple of this (0 = powers of two)")
-    return ap
-
-
-def _load(args):
-    """Validates the inputs and loads everything; raises OSError / ValueError with the fix."""
-    from rlhf_jax import models
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: use 1 or more")
-    cfg = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, greedy=args.greedy, stop_token_ids=tuple(args.stop_token_ids),
-        stop_at_eos=not args.no_stop_at_eos, prompt_bucket=args.prompt_bucket,
-    )
-    prompts = read_prompts(args.prompts)
-    model, params = models.load_hf(args.model, head="lm", dtype=args.dtype)
-    tokenizer = models.load_tokenizer(args.tokenizer or args.model)
-    rows = encode_prompts(tokenizer, prompts, cfg, model.cfg.max_position_embeddings,
-                          chat_template=args.chat_template, truncate=args.truncate)
-    return cfg, prompts, rows, model, params, tokenizer
-
-
-def _settings(args) -> dict:
-    """What a completion depends on (besides its prompt): a partial file records it."""
-    keys = ("model", "tokenizer", "chat_template", "truncate", "dtype", "seed", "max_new_tokens",
-            "temperature", "top_k", "top_p", "greedy", "stop_token_ids", "no_stop_at_eos")
-    out = {k: getattr(args, k) for k in keys}
-    out["model"] = os.path.abspath(args.model)
-    out["tokenizer"] = os.path.abspath(args.tokenizer or args.model)
-    return out
-
-
-def _partial_line(index: int, completion: dict) -> str:
-    return json.dumps({"index": index, **completion}, ensure_ascii=False) + "\n"
-
-
-def read_partial(path: str, prompts: Sequence[str], settings: dict) -> dict[int, dict]:
-    """Completions an interrupted `rlhf-jax generate` saved to `path` ({} if none), by prompt
-    index; its first line holds the run's `settings`. A last line cut short by the
-    interruption is dropped (and cut from the file, so that appending goes on from a whole
-    line). Raises ValueError when the file belongs to other prompts or settings, or is not
-    such a file."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    try:
-        saved = json.loads(lines[0])["settings"]
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{path} is not a partial output of rlhf-jax generate; delete it to "
-                         "start over") from None
-    changed = sorted(k for k in settings if saved.get(k) != settings[k])
-    if changed:
-        raise ValueError(f"{path} was made with other settings ({', '.join(changed)}); rerun "
-                         "with the same ones to resume, or delete it to start over")
-    done, cut = {}, False
-    for n, line in enumerate(lines[1:], 2):
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-            i = row.pop("index")
-        except (ValueError, KeyError, AttributeError, TypeError):
-            if n == len(lines):  # no newline after it: written when the run was stopped
-                cut = True
-                break
-            raise ValueError(f"{path} line {n} is not a saved completion; delete the file to "
-                             "start over") from None
-        if not (isinstance(i, int) and 0 <= i < len(prompts)
-                and row.get("prompt") == prompts[i]):
-            raise ValueError(f"{path} holds completions of other prompts (line {n}); delete it, "
-                             "or choose another --out")
-        done[i] = row
-    if cut:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(lines[0] + "\n")
-            f.writelines(_partial_line(i, r) for i, r in done.items())
-        os.replace(path + ".tmp", path)
-    return done
-
-
-def cli(argv: Sequence[str]) -> int:
-    from tqdm import tqdm
-
-    args = _parser().parse_args(list(argv))
-    partial = args.out + ".partial"
-    try:
-        cfg, prompts, rows, model, params, tokenizer = _load(args)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        settings = _settings(args)
-        results = read_partial(partial, prompts, settings)
-    except (OSError, ValueError) as e:  # bad input: one line that says what to do
-        print(f"rlhf-jax generate: error: {e}", file=sys.stderr)
-        return 2
-    if results:
-        print(f"resuming: {len(results)} of {len(prompts)} completions already in {partial}",
-              file=sys.stderr)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    run = make_generate_fn(model, cfg, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
-    key = jax.random.key(args.seed)
-    # Similar lengths together: less padding, fewer buckets. Written back in the input order.
-    order = sorted((i for i in range(len(rows)) if i not in results), key=lambda i: len(rows[i]))
-    new_tokens, start = 0, time.perf_counter()
-    batches = range(0, len(order), args.batch_size)
-    bar = tqdm(batches, desc="generate", unit="batch", file=sys.stderr)
-    with open(partial, "a", encoding="utf-8") as saved:
-        if saved.tell() == 0:  # a new file: first the settings its completions depend on
-            saved.write(json.dumps({"settings": settings}) + "\n")
-        for n, lo in enumerate(bar):
-            idx = order[lo:lo + args.batch_size]
-            ids, mask = pad_prompts([rows[i] for i in idx], cfg.prompt_bucket, int(pad or 0),
-                                    args.batch_size)
-            out = jax.device_get(run(params, ids, mask, jax.random.fold_in(key, n)))
-            for row, i in enumerate(idx):
-                length = int(out.lengths[row])
-                results[i] = {
-                    "prompt": prompts[i],
-                    "completion": tokenizer.decode(out.tokens[row, :length],
-                                                   skip_special_tokens=True),
-                    "num_tokens": length,
-                    "stopped": bool(out.ended_with_stop[row]),
-                }
-                new_tokens += length
-                saved.write(_partial_line(i, results[i]))
-            saved.flush()
-            bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
-    bar.close()
-    elapsed = time.perf_counter() - start
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i in range(len(prompts)):
-            f.write(json.dumps(results[i], ensure_ascii=False) + "\n")
-    os.replace(tmp, args.out)
-    os.remove(partial)
-    print(f"wrote {len(prompts)} completions to {args.out}: {new_tokens} new tokens in "
-          f"{elapsed:.1f} s = {new_tokens / elapsed:.1f} tokens/s (compilation included)")
-    return 0

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, abstract_like
+from rlhf_jax.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, abstract_like
 
 
 class OnNonFinite(str, enum.Enum):

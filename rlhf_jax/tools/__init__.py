@@ -1,0 +1,1 @@
+"""Commands around training: `rlhf-jax generate` (sampling a prompts file)."""
