@@ -9,8 +9,9 @@ import pytest
 
 from rlhf_jax.data import DataError
 from rlhf_jax.data.sft import (
-    DemoDataConfig, SFTDataConfig, SFTFormat, generate_demonstrations, load_sft, pack,
+    SFTDataConfig, SFTFormat, load_sft, pack,
 )
+from rlhf_jax.world import movies
 from rlhf_jax.world.tiny import train_tokenizer
 
 WORDS = "the cat sat on a mat and dog ran to park good bad very happy sad hi hello user x y"
@@ -92,7 +93,7 @@ def test_text_mask_is_every_token_but_the_first(tmp_path, tok):
 
 @pytest.mark.parametrize("fmt", ["prompt_completion", "conversational", "text"])
 def test_generated_demonstrations_load_in_each_layout(tmp_path, fmt):
-    paths = generate_demonstrations(DemoDataConfig(num_train=16, num_eval=4, format=fmt),
+    paths = movies.write_demonstrations(movies.DemonstrationsConfig(num_train=16, num_eval=4, format=fmt),
                                     str(tmp_path))
     from rlhf_jax import models
 

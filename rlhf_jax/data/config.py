@@ -8,7 +8,6 @@ import enum
 from typing import Optional
 
 from rlhf_jax.config import check
-from rlhf_jax.world.preferences import SyntheticConfig
 
 
 class Format(str, enum.Enum):
@@ -52,7 +51,6 @@ class DataConfig:
       add_bos: put the tokenizer's BOS token before each sequence.
       add_eos: put its EOS token after each response (the reward is read there).
       shuffle: shuffle training rows each epoch (by seed and epoch).
-      synthetic: generate a toy dataset and tokenizer instead of reading `train`/`eval`.
     """
 
     train: str = ""
@@ -69,11 +67,10 @@ class DataConfig:
     add_bos: bool = True
     add_eos: bool = True
     shuffle: bool = True
-    synthetic: Optional[SyntheticConfig] = None
 
     def __post_init__(self):
-        check(bool(self.train) or self.synthetic is not None, "train", self.train,
-              "a file, saved dataset directory or hub name (or set data.synthetic)")
+        check(bool(self.train) or self.generated(), "train", self.train,
+              "a file, saved dataset directory or hub name" + self.GENERATED_HINT)
         check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", self.eval_fraction,
               "a fraction in [0, 1)")
         check(self.max_length >= 4, "max_length", self.max_length, "4 or more tokens")
@@ -81,6 +78,12 @@ class DataConfig:
               "buckets", self.buckets, "increasing positive lengths")
         check(not self.buckets or self.buckets[-1] >= self.max_length, "buckets", self.buckets,
               f"a list whose last entry covers max_length={self.max_length}")
+
+    GENERATED_HINT = ""  # how a stage's subclass offers generated data instead
+
+    def generated(self) -> bool:
+        """True when the rows are generated (a stage's subclass) rather than read from `train`."""
+        return False
 
     def bucket_lengths(self) -> tuple[int, ...]:
         if self.buckets:

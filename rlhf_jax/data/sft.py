@@ -31,13 +31,10 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import enum
-import json
-import os
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from rlhf_jax.config import check
 from rlhf_jax.data import sources
 from rlhf_jax.data.batching import BatchPlan, Batches
 from rlhf_jax.data.config import DataConfig, Truncation
@@ -76,39 +73,12 @@ ACCEPTED = ("prompt_completion (prompt, completion as strings)",
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoDataConfig:
-    """Demonstrations generated from the demo's movie-review world (`rlhf_jax.world.movies`),
-    with a BPE tokenizer trained on that world's corpus.
-
-    Attributes:
-      num_train: training rows.
-      num_eval: held-out rows.
-      format: layout of the rows written: prompt_completion, conversational or text.
-      vocab_size: size of the tokenizer's vocabulary.
-      seed: seed of the generator (data and tokenizer are a pure function of the config).
-    """
-
-    num_train: int = 2000
-    num_eval: int = 200
-    format: SFTFormat = SFTFormat.PROMPT_COMPLETION
-    vocab_size: int = 384
-    seed: int = 0
-
-    def __post_init__(self):
-        check(self.num_train > 0, "num_train", self.num_train, "1 or more")
-        check(self.num_eval >= 0, "num_eval", self.num_eval, "0 or more")
-        check(self.format != SFTFormat.AUTO, "format", self.format,
-              "prompt_completion, conversational or text")
-
-
-@dataclasses.dataclass(frozen=True)
 class SFTDataConfig(DataConfig):
     """The fields of `DataConfig` (sources, columns, max_length, buckets, on_bad_row,
-    add_bos/add_eos, shuffle), with SFT's formats and generated data, and packing.
+    add_bos/add_eos, shuffle), with SFT's formats and packing.
 
     Attributes:
       format: auto (detected from the columns), prompt_completion, conversational or text.
-      synthetic: generate demonstrations and their tokenizer instead of reading `train`/`eval`.
       over_length: a row longer than max_length: error (stop, naming the row), drop (skip and
         report a count) or truncate (cut the prompt on its `prompt_truncation` side, then the
         end; a row left with no target token is a bad row).
@@ -117,7 +87,6 @@ class SFTDataConfig(DataConfig):
     """
 
     format: SFTFormat = SFTFormat.AUTO
-    synthetic: Optional[DemoDataConfig] = None
     over_length: OverLength = OverLength.TRUNCATE
     packing: bool = False
 
@@ -420,47 +389,3 @@ def load_sft(
 
     train = split(train_ds, cfg.train, True)
     return train, (split(eval_ds, eval_name, False) if eval_ds is not None else None)
-
-
-# ----------------------------------------------------------------------------- generated data
-
-
-def demo_row(prompt: str, completion: str, fmt: SFTFormat) -> dict[str, Any]:
-    if fmt == SFTFormat.PROMPT_COMPLETION:
-        return {"prompt": prompt, "completion": completion}
-    if fmt == SFTFormat.TEXT:
-        return {"text": prompt + completion}
-    return {"messages": [{"role": "user", "content": prompt},
-                         {"role": "assistant", "content": completion.strip()}]}
-
-
-def generate_demonstrations(cfg: DemoDataConfig, directory: str) -> dict[str, str]:
-    """Writes train.jsonl, eval.jsonl and tokenizer/ under `directory` (kept if already there).
-
-    Returns:
-      {"train": path, "eval": path or "" (num_eval = 0), "tokenizer": directory}.
-    """
-    from rlhf_jax.world import movies as world
-    from rlhf_jax.world.tiny import train_tokenizer
-
-    paths = {"train": os.path.join(directory, "train.jsonl"),
-             "eval": os.path.join(directory, "eval.jsonl") if cfg.num_eval else "",
-             "tokenizer": os.path.join(directory, "tokenizer")}
-    done = os.path.join(directory, "DONE")
-    want = json.loads(json.dumps(dataclasses.asdict(cfg)))  # enums as their values
-    if os.path.exists(done):
-        with open(done) as f:
-            if json.load(f) == want:
-                return paths
-    os.makedirs(directory, exist_ok=True)
-    rng = np.random.default_rng(cfg.seed)
-    for name, n in (("train", cfg.num_train), ("eval", cfg.num_eval)):
-        demos = world.demonstrations(rng, n)
-        if paths[name]:
-            with open(paths[name], "w") as f:
-                f.writelines(json.dumps(demo_row(d["prompt"], d["completion"], cfg.format)) + "\n"
-                             for d in demos)
-    train_tokenizer(world.tokenizer_texts(rng, 1000), cfg.vocab_size, paths["tokenizer"])
-    with open(done, "w") as f:
-        json.dump(want, f)
-    return paths

@@ -32,7 +32,7 @@ from rlhf_jax.train import optim
 from rlhf_jax import sharding as shd
 from rlhf_jax.config import check
 from rlhf_jax.data import DataConfig, PreferenceData, load_preferences
-from rlhf_jax.world import preferences as synthetic
+from rlhf_jax.world import preferences
 from rlhf_jax.train.runner import run_command
 from rlhf_jax.train.loop import (  # noqa: F401 - ArchConfig, ModelConfig, create_state: public here
     ArchConfig,
@@ -50,12 +50,29 @@ from rlhf_jax.train.loop import (  # noqa: F401 - ArchConfig, ModelConfig, creat
 
 
 @dataclasses.dataclass(frozen=True)
+class RMDataConfig(DataConfig):
+    """The preference data (the fields of `rlhf_jax.data.DataConfig`), or generated ones.
+
+    Attributes:
+      synthetic: generate a toy preference dataset and its tokenizer
+        (`rlhf_jax.world.preferences`) instead of reading `train`/`eval`.
+    """
+
+    synthetic: Optional[preferences.SyntheticConfig] = None
+
+    GENERATED_HINT = " (or set data.synthetic)"
+
+    def generated(self) -> bool:
+        return self.synthetic is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class RMConfig(RunConfig):
     """A reward-model training run: the fields of `trainer.RunConfig` (batch_size counts
     preference pairs; the export is a sequence-classification model) and
 
     Attributes:
-      data: preference data (see rlhf_jax.data.DataConfig).
+      data: preference data (see RMDataConfig).
       margin_scale: s in −log σ(r_c − r_r − s·m), for data with a margin column
         (0 = ignore the margins).
       center_coef: λ of the reward-centering term λ·(r_c + r_r)² (0 = off).
@@ -64,7 +81,7 @@ class RMConfig(RunConfig):
     """
 
     out_dir: str = "runs/rm"
-    data: DataConfig = DataConfig(synthetic=synthetic.SyntheticConfig())
+    data: RMDataConfig = RMDataConfig(synthetic=preferences.SyntheticConfig())
     margin_scale: float = 1.0
     center_coef: float = 0.0
     normalise_after_training: bool = False
@@ -182,11 +199,11 @@ def reward_normalisation(
 # ----------------------------------------------------------------------------- setup
 
 
-def resolve_data(cfg: RMConfig) -> tuple[DataConfig, Optional[str]]:
+def resolve_data(cfg: RMConfig) -> tuple[RMDataConfig, Optional[str]]:
     """The data section with generated files filled in (data.synthetic), and their tokenizer."""
     if cfg.data.synthetic is None:
         return cfg.data, None
-    paths = synthetic.generate(cfg.data.synthetic, os.path.join(cfg.out_dir, "synthetic"))
+    paths = preferences.write_dataset(cfg.data.synthetic, os.path.join(cfg.out_dir, "synthetic"))
     data = dataclasses.replace(cfg.data, train=paths["train"], eval=paths["eval"] or cfg.data.eval)
     return data, paths["tokenizer"]
 

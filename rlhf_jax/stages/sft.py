@@ -28,7 +28,7 @@ from rlhf_jax import config as config_lib
 from rlhf_jax.train import optim
 from rlhf_jax import sharding as shd
 from rlhf_jax.data.sft import (
-    DemoDataConfig, SFTData, SFTDataConfig, generate_demonstrations, load_sft,
+    SFTData, SFTDataConfig, load_sft,
 )
 from rlhf_jax.train.loop import (
     RunConfig,
@@ -39,8 +39,26 @@ from rlhf_jax.train.loop import (
     sum_over_epoch,
 )
 from rlhf_jax.train.runner import run_command
+from rlhf_jax.world import movies
 
 # ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStageDataConfig(SFTDataConfig):
+    """The demonstrations (the fields of `rlhf_jax.data.sft.SFTDataConfig`), or generated ones.
+
+    Attributes:
+      synthetic: generate demonstrations and their tokenizer from the built-in movie-review
+        world (`rlhf_jax.world.movies`) instead of reading `train`/`eval`.
+    """
+
+    synthetic: Optional[movies.DemonstrationsConfig] = None
+
+    GENERATED_HINT = " (or set data.synthetic)"
+
+    def generated(self) -> bool:
+        return self.synthetic is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +67,11 @@ class SFTConfig(RunConfig):
     (batch_size counts rows; a packed row holds several examples) and
 
     Attributes:
-      data: demonstrations (see rlhf_jax.data.sft.SFTDataConfig).
+      data: demonstrations (see SFTStageDataConfig).
     """
 
     out_dir: str = "runs/sft"
-    data: SFTDataConfig = SFTDataConfig(synthetic=DemoDataConfig())
+    data: SFTStageDataConfig = SFTStageDataConfig(synthetic=movies.DemonstrationsConfig())
 
 
 CONFIG_CLASS = SFTConfig
@@ -141,7 +159,7 @@ def resolve_data(cfg: SFTConfig) -> tuple[SFTDataConfig, Optional[str]]:
     """The data section with generated files filled in (data.synthetic), and their tokenizer."""
     if cfg.data.synthetic is None:
         return cfg.data, None
-    paths = generate_demonstrations(cfg.data.synthetic, os.path.join(cfg.out_dir, "synthetic"))
+    paths = movies.write_demonstrations(cfg.data.synthetic, os.path.join(cfg.out_dir, "synthetic"))
     data = dataclasses.replace(cfg.data, train=paths["train"], eval=paths["eval"] or cfg.data.eval)
     return data, paths["tokenizer"]
 

@@ -9,10 +9,16 @@ pretrained on it writes reviews of either kind, and RLHF has something to move.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from typing import Optional
+import os
+from typing import Any, Optional
 
 import numpy as np
+
+from rlhf_jax.config import check
+from rlhf_jax.data.sft import SFTFormat
 
 MOVIES = ["the heist", "moon river", "the last train", "paper kites", "iron garden",
           "blue harbor", "the quiet road", "night market", "seven doors", "the glass tower",
@@ -100,3 +106,72 @@ def all_words() -> list[str]:
 def tokenizer_texts(rng: Optional[np.random.Generator] = None, n: int = 2000) -> list[str]:
     rng = rng or np.random.default_rng(0)
     return corpus(rng, n)
+
+
+# ----------------------------------------------------------------------------- SFT data
+
+
+@dataclasses.dataclass(frozen=True)
+class DemonstrationsConfig:
+    """SFT demonstrations generated from this world, with a BPE tokenizer trained on its
+    corpus (`rlhf-jax sft`'s `data.synthetic`).
+
+    Attributes:
+      num_train: training rows.
+      num_eval: held-out rows.
+      format: layout of the rows written: prompt_completion, conversational or text.
+      vocab_size: size of the tokenizer's vocabulary.
+      seed: seed of the generator (data and tokenizer are a pure function of the config).
+    """
+
+    num_train: int = 2000
+    num_eval: int = 200
+    format: SFTFormat = SFTFormat.PROMPT_COMPLETION
+    vocab_size: int = 384
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.num_train > 0, "num_train", self.num_train, "1 or more")
+        check(self.num_eval >= 0, "num_eval", self.num_eval, "0 or more")
+        check(self.format != SFTFormat.AUTO, "format", self.format,
+              "prompt_completion, conversational or text")
+
+
+def demonstration_row(prompt: str, completion: str, fmt: SFTFormat) -> dict[str, Any]:
+    if fmt == SFTFormat.PROMPT_COMPLETION:
+        return {"prompt": prompt, "completion": completion}
+    if fmt == SFTFormat.TEXT:
+        return {"text": prompt + completion}
+    return {"messages": [{"role": "user", "content": prompt},
+                         {"role": "assistant", "content": completion.strip()}]}
+
+
+def write_demonstrations(cfg: DemonstrationsConfig, directory: str) -> dict[str, str]:
+    """Writes train.jsonl, eval.jsonl and tokenizer/ under `directory` (kept if already there).
+
+    Returns:
+      {"train": path, "eval": path or "" (num_eval = 0), "tokenizer": directory}.
+    """
+    from rlhf_jax.world.tiny import train_tokenizer
+
+    paths = {"train": os.path.join(directory, "train.jsonl"),
+             "eval": os.path.join(directory, "eval.jsonl") if cfg.num_eval else "",
+             "tokenizer": os.path.join(directory, "tokenizer")}
+    done = os.path.join(directory, "DONE")
+    want = json.loads(json.dumps(dataclasses.asdict(cfg)))  # enums as their values
+    if os.path.exists(done):
+        with open(done) as f:
+            if json.load(f) == want:
+                return paths
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    for name, n in (("train", cfg.num_train), ("eval", cfg.num_eval)):
+        demos = demonstrations(rng, n)
+        if paths[name]:
+            with open(paths[name], "w") as f:
+                f.writelines(json.dumps(demonstration_row(d["prompt"], d["completion"], cfg.format)) + "\n"
+                             for d in demos)
+    train_tokenizer(tokenizer_texts(rng, 1000), cfg.vocab_size, paths["tokenizer"])
+    with open(done, "w") as f:
+        json.dump(want, f)
+    return paths

@@ -96,7 +96,7 @@ def make_rows(cfg: SyntheticConfig, n: int, rng: np.random.Generator) -> list[di
     return rows
 
 
-def generate(cfg: SyntheticConfig, directory: str) -> dict[str, str]:
+def write_dataset(cfg: SyntheticConfig, directory: str) -> dict[str, str]:
     """Writes train.jsonl, eval.jsonl and tokenizer/ under `directory` (kept if already there).
 
     Returns:
