@@ -2,9 +2,11 @@
 
     cfg = load(RMConfig, "configs/rm_tiny.yaml", ["optim.learning_rate=1e-4", "steps=50"])
 
-Every key is checked against the dataclass: an unknown key names the closest valid one, a
-wrong type names the expected type, and `__post_init__` checks (via `check`) name the key
-with its full dotted path. Config dataclasses live next to the code that reads them.
+Every key is checked against the dataclass: an unknown key names the key it most likely means
+anywhere in the config (`learning_rate=1e-4` → `optim.learning_rate=1e-4`), a wrong type names
+the expected type, and `__post_init__` checks (via `check`) name the key with its full dotted
+path. `option_error` answers `--steps 5` on a stage's command line with `steps=5`. Config
+dataclasses live next to the code that reads them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import re
 import types
 import typing
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
@@ -34,6 +36,14 @@ class ConfigError(ValueError):
             return self
         full = f"{prefix}.{self.key}" if self.key else prefix
         return ConfigError(full, self.message.replace(f"'{self.key}'", f"'{full}'", 1))
+
+
+class UnknownKeyError(ConfigError):
+    """A key that is no field of its config; `value` is what it was given."""
+
+    def __init__(self, key: str, value: Any, message: str):
+        super().__init__(key, message)
+        self.value = value
 
 
 def check(condition: bool, key: str, value: Any, allowed: str) -> None:
@@ -79,7 +89,7 @@ def _convert(tp, value, key: str):
         if not isinstance(value, Mapping):
             raise ConfigError(key, f"config key '{key}' expects a mapping of {tp.__name__} fields, "
                                    f"got {value!r}")
-        return from_dict(tp, value, key)
+        return _from_dict(tp, value, key)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         if isinstance(value, tp):
             return value
@@ -133,8 +143,7 @@ CODE_LOADING_KEYS = frozenset({"trust_remote_code", "allow_remote_code", "code_r
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
-    """Builds the frozen dataclass `cls` from plain dicts, checking every key and type."""
+def _from_dict(cls, data: Mapping[str, Any], prefix: str):
     if not isinstance(data, Mapping):
         raise ConfigError(prefix, f"config '{prefix or 'top level'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -142,16 +151,8 @@ def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
     for name in data:
         if name not in fields:
             key = _join(prefix, str(name))
-            if str(name) in CODE_LOADING_KEYS:
-                raise ConfigError(key, f"config key '{key}' asks to run code shipped with a model "
-                                       "or dataset; rlhf_jax never does (models load from "
-                                       "safetensors with built-in architectures only): remove it")
-            close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
-            if close:
-                hint = f"did you mean '{_join(prefix, close[0])}'?"
-            else:
-                hint = f"valid keys{' under ' + repr(prefix) if prefix else ''}: {', '.join(fields)}"
-            raise ConfigError(key, f"unknown config key '{key}'; {hint}")
+            raise UnknownKeyError(key, data[name], unknown_key_message(cls, key, data[name],
+                                                                    prefix))
     kwargs = {}
     for name, field in fields.items():
         key = _join(prefix, name)
@@ -163,6 +164,21 @@ def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
         return cls(**kwargs)
     except ConfigError as e:
         raise e.with_prefix(prefix) from None
+
+
+def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
+    """Builds the frozen dataclass `cls` from plain dicts, checking every key and type.
+
+    An unknown key names the closest key of the whole config, so a key written at the wrong
+    level (`learning_rate=1e-4` for `optim.learning_rate=1e-4`) is pointed at its place.
+    """
+    try:
+        return _from_dict(cls, data, prefix)
+    except UnknownKeyError as e:
+        if prefix or "." not in e.key:
+            raise
+        # Raised inside a section, which knew only its own keys: suggest among all of them.
+        raise UnknownKeyError(e.key, e.value, unknown_key_message(cls, e.key, e.value)) from None
 
 
 def to_dict(cfg) -> dict:
@@ -243,14 +259,146 @@ def save_yaml(cfg, path) -> None:
 
 def field_paths(cls, prefix: str = "") -> list[str]:
     """Every dotted leaf key of a config class."""
+    return [key for key, tp in key_types(cls, prefix).items() if _section(tp) is None]
+
+
+def key_types(cls, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of a config class, sections included, with its annotation."""
     hints = typing.get_type_hints(cls)
-    out = []
+    out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-        sub = tp if dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
-        if sub is not None:
-            out += field_paths(sub, _join(prefix, f.name))
-        else:
-            out.append(_join(prefix, f.name))
+        if not f.init:
+            continue
+        key, tp = _join(prefix, f.name), hints[f.name]
+        out[key] = tp
+        section = _section(tp)
+        if section is not None:
+            out.update(key_types(section, key))
     return out
+
+
+def _section(tp):
+    """The config dataclass behind annotation `tp` (also inside Optional), or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+    return inner[0] if inner else None
+
+
+# What other RLHF trainers (TRL, Hugging Face's TrainingArguments) call some of our keys, and
+# what one stage calls a key another stage names differently (SFT/RM steps, PPO iterations).
+SYNONYMS = {
+    "lr": ("learning_rate",),
+    "output_dir": ("out_dir",),
+    "steps": ("iterations",),
+    "iterations": ("steps",),
+    "max_steps": ("steps", "iterations"),
+    "gradient_accumulation_steps": ("grad_accum",),
+    "per_device_train_batch_size": ("batch_size",),
+    "train_batch_size": ("batch_size",),
+    "cliprange": ("clip_eps",),
+    "cliprange_value": ("value_clip_eps",),
+    "num_ppo_epochs": ("ppo_epochs",),
+    "response_length": ("max_new_tokens",),
+}
+
+
+def suggest_key(cls, key: str, prefix: str = "") -> Optional[str]:
+    """The key of `cls` (keys start with `prefix`) that the unknown dotted `key` most likely
+    means: a key of the same name (or of the name other trainers use) in another section,
+    then the closest spelling among its siblings, then the closest spelling anywhere."""
+    types_ = key_types(cls, prefix)
+    parent, _, name = key.rpartition(".")
+
+    def nearest(paths: list[str]) -> str:  # the one nearest to where the key was written
+        return min(paths, key=lambda p: (-_shared_sections(p, parent), p.count("."), p))
+
+    for wanted in (name, *SYNONYMS.get(name, ())):
+        same = [p for p in types_ if p.rpartition(".")[2] == wanted and p != key]
+        if same:
+            return nearest(same)
+    siblings = [p.rpartition(".")[2] for p in types_ if p.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    if close:
+        return _join(parent, close[0])
+    leaves = {p.rpartition(".")[2] for p in types_}
+    close = difflib.get_close_matches(name, sorted(leaves), n=1, cutoff=0.8)
+    if close:
+        return nearest([p for p in types_ if p.rpartition(".")[2] == close[0]])
+    return None
+
+
+def _shared_sections(path: str, parent: str) -> int:
+    """How many leading sections the key `path` has in common with the section `parent`."""
+    n = 0
+    for a, b in zip(path.split(".")[:-1], parent.split(".") if parent else []):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def unknown_key_message(cls, key: str, value: Any, prefix: str = "") -> str:
+    """One line for an unknown `key` given `value`: the key it most likely means and how to
+    write it, or the valid keys at its level."""
+    if key.rpartition(".")[2] in CODE_LOADING_KEYS:
+        return (f"config key '{key}' asks to run code shipped with a model or dataset; rlhf_jax "
+                "never does (models load from safetensors with built-in architectures only): "
+                "remove it")
+    guess = suggest_key(cls, key, prefix)
+    if guess is None:
+        parent = key.rpartition(".")[0]
+        level = [p.rpartition(".")[2] for p in key_types(cls, prefix)
+                 if p.rpartition(".")[0] == parent]
+        where = f" under '{parent}'" if parent else ""
+        return f"unknown config key '{key}'; valid keys{where}: {', '.join(level)}"
+    message = f"unknown config key '{key}'; did you mean '{guess}'?"
+    if _section(key_types(cls, prefix)[guess]) is None and not isinstance(value, Mapping):
+        message += f" (write it as {_override(guess, value)})"
+    return message
+
+
+def _override(key: str, value: Any) -> str:
+    """`key=value` as it is written on the command line."""
+    if isinstance(value, (str, float)):
+        return f"{key}={value}"
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+    return f"{key}={text.removesuffix('...').strip()}"
+
+
+# Options of every stage command besides the config keys (argparse also takes a prefix).
+_KNOWN_OPTIONS = ("help", "config")
+
+
+def option_error(argv: Sequence[str], cls) -> Optional[str]:
+    """One line for the first `--option` in a stage's command line other than -h/--help/--config,
+    or None. Config keys are given as `key=value`: `--steps 5` is answered with `steps=5`,
+    `--learning_rate 1e-4` with the nested `optim.learning_rate=1e-4`."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg == "--":  # argparse reads what follows as positional
+            return None
+        if not arg.startswith("-") or arg == "-" or _FLOAT.fullmatch(arg):
+            continue
+        name, has_value, value = arg.lstrip("-").partition("=")
+        if arg == "-h" or (arg.startswith("--") and name
+                           and any(o.startswith(name) for o in _KNOWN_OPTIONS)):
+            continue
+        if not has_value:
+            follows = args[i + 1] if i + 1 < len(args) else None
+            value = follows if follows is not None and "=" not in follows and (
+                not follows.startswith("-") or _FLOAT.fullmatch(follows)) else None
+        return _option_line(cls, name.replace("-", "_"), value)
+    return None
+
+
+def _option_line(cls, name: str, value: Optional[str]) -> str:
+    start = "rlhf-jax takes config keys as key=value, not options"
+    types_ = key_types(cls)
+    key = name if name in types_ else suggest_key(cls, name)
+    if key is None:
+        top = ", ".join(p for p in types_ if "." not in p)
+        return f"{start}: '{name}' is no config key; valid keys: {top}"
+    if value is None:
+        value = "true" if types_[key] is bool else "VALUE"
+    return f"{start}: write {key}={value}"

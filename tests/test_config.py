@@ -86,3 +86,109 @@ def test_file_errors(tmp_path):
 def test_field_paths_lists_every_leaf():
     assert config.field_paths(Run) == ["name", "optim.learning_rate", "optim.warmup_steps", "kl",
                                        "mesh", "stop_ids", "side", "limit", "flag"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Unknown keys point at the key the user most likely means, wherever it lives.
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    steps: int = 10
+    batch_size: int = 8
+    optim: Optim = Optim()
+    sampling: Optional[Sampling] = None
+    export: bool = True
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # a flat key (other trainers' spelling) is a leaf of a section here
+    (["learning_rate=1e-4"], "unknown config key 'learning_rate'; did you mean "
+                             "'optim.learning_rate'? (write it as optim.learning_rate=0.0001)"),
+    (["lerning_rate=1e-4"], "unknown config key 'lerning_rate'; did you mean "
+                            "'optim.learning_rate'? (write it as optim.learning_rate=0.0001)"),
+    (["lr=3"], "unknown config key 'lr'; did you mean 'optim.learning_rate'? "
+               "(write it as optim.learning_rate=3)"),
+    # a leaf written under the wrong section, or inside a section the run does not set
+    (["optim.steps=5"], "unknown config key 'optim.steps'; did you mean 'steps'? "
+                        "(write it as steps=5)"),
+    (["sampling.learning_rate=1"], "unknown config key 'sampling.learning_rate'; did you mean "
+                                   "'optim.learning_rate'? (write it as optim.learning_rate=1)"),
+    (["stop_ids=[1, 2]"], "unknown config key 'stop_ids'; did you mean 'sampling.stop_ids'? "
+                          "(write it as sampling.stop_ids=[1, 2])"),
+    (["max_steps=5"], "unknown config key 'max_steps'; did you mean 'steps'? "
+                      "(write it as steps=5)"),
+    # a misspelt sibling wins over a far leaf; a section is suggested without a value
+    (["optim.warmup_step=3"], "unknown config key 'optim.warmup_step'; did you mean "
+                              "'optim.warmup_steps'? (write it as optim.warmup_steps=3)"),
+    (["optimm.learning_rate=1"], "unknown config key 'optimm'; did you mean 'optim'?"),
+    (["zzz=1"], "unknown config key 'zzz'; valid keys: steps, batch_size, optim, sampling, export"),
+    (["optim.zzz=1"], "unknown config key 'optim.zzz'; valid keys under 'optim': "
+                      "learning_rate, warmup_steps"),
+])
+def test_unknown_keys_name_the_key_meant_and_how_to_write_it(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(Stage, None, overrides)
+    assert str(e.value) == message
+
+
+def test_a_flat_key_in_a_yaml_file_is_pointed_at_its_section(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 3\nsampling:\n  temprature: 0.5\n")
+    with pytest.raises(ConfigError, match=r"'sampling.temprature'; did you mean "
+                                          r"'sampling.temperature'\?"):
+        config.load(Stage, path)
+    path.write_text("temperature: 0.5\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'sampling.temperature'\? "
+                                          r"\(write it as sampling.temperature=0.5\)"):
+        config.load(Stage, path)
+
+
+def test_code_loading_keys_are_refused_at_any_level():
+    for key in ("trust_remote_code=true", "optim.trust_remote_code=true"):
+        with pytest.raises(ConfigError, match="asks to run code shipped with a model"):
+            config.load(Stage, None, [key])
+
+
+def test_key_types_lists_sections_and_leaves():
+    assert list(config.key_types(Stage)) == [
+        "steps", "batch_size", "optim", "optim.learning_rate", "optim.warmup_steps",
+        "sampling", "sampling.temperature", "sampling.stop_ids", "export"]
+    assert config.key_types(Stage)["sampling"] == Optional[Sampling]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--steps", "5"], "write steps=5"),
+    (["a=1", "--steps=5"], "write steps=5"),
+    (["--optim.learning_rate", "1e-4"], "write optim.learning_rate=1e-4"),
+    (["--learning_rate", "1e-4"], "write optim.learning_rate=1e-4"),
+    (["--learning-rate=1e-4"], "write optim.learning_rate=1e-4"),
+    (["--lr", "1e-4"], "write optim.learning_rate=1e-4"),
+    (["--temprature", "0.7"], "write sampling.temperature=0.7"),
+    (["--steps", "-5"], "write steps=-5"),
+    (["--export"], "write export=true"),  # a flag names a boolean key
+    (["--steps", "--export"], "write steps=VALUE"),
+    (["--frobnicate", "3"], "'frobnicate' is no config key; valid keys: steps, batch_size, optim, "
+                            "sampling, export"),
+    (["-x"], "'x' is no config key"),
+])
+def test_options_are_answered_with_the_key_value_form(argv, line):
+    error = config.option_error(argv, Stage)
+    assert error.startswith("rlhf-jax takes config keys as key=value, not options: "), error
+    assert error.endswith(line) if "write" in line else line in error, error
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["steps=5", "optim.learning_rate=1e-4"], ["-h"], ["--help"],
+    ["--config", "run.yaml", "steps=5"], ["--config=run.yaml"],
+    ["--conf", "run.yaml"],  # argparse takes a prefix of an option
+    ["steps=5", "--", "--not-an-option"],
+])
+def test_command_lines_without_stray_options_pass(argv):
+    assert config.option_error(argv, Stage) is None
