@@ -6,7 +6,8 @@
 
 `metrics.jsonl` holds one `{"step": n, ...}` object per `log` call, in order. A resumed run
 passes the step it resumed from: rows logged after that step by the interrupted run are
-dropped, so the file reads as if the run had never stopped. Values are floats; NaN and inf
+dropped, so the file reads as if the run had never stopped (and TensorBoard is told to hide
+the interrupted run's events past that step); a fresh run starts both records afresh. Values are floats; NaN and inf
 are written as the strings "nan" / "inf" / "-inf" so every row stays valid JSON.
 """
 
@@ -18,6 +19,7 @@ import os
 from typing import Any, Iterable, Mapping, Optional
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _number(value: Any) -> Any:
@@ -38,8 +40,16 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def _drop_after(path: str, step: int) -> None:
-    """Rewrites `path` without the rows logged after `step` (a torn last line is dropped too)."""
+def drop_rows_after(path: str, step: int, key: str = "step") -> None:
+    """Rewrites the JSONL file `path` without the rows whose `key` is above `step`.
+
+    A resumed run calls it on the files its interrupted run wrote past the checkpoint it
+    resumes from (metrics.jsonl keyed by "step", PPO's samples.jsonl by "iteration"), so each
+    file reads as if the run had never stopped. A line torn by a hard kill mid-write is dropped
+    too; a row without `key` is kept; a missing file is left missing.
+    """
+    if not os.path.exists(path):
+        return
     kept = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -47,7 +57,7 @@ def _drop_after(path: str, step: int) -> None:
                 row = json.loads(line)
             except json.JSONDecodeError:  # cut off by a hard kill mid-write
                 continue
-            if row.get("step", 0) <= step:
+            if not isinstance(row, dict) or row.get(key, 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -55,13 +65,25 @@ def _drop_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _remove_event_files(directory: str) -> None:
+    """Removes the TensorBoard event files of an earlier run (TensorBoard reads every file in
+    the directory, so a rerun would show both runs' curves on one chart)."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.startswith("events.out.tfevents") and os.path.isfile(path):
+            os.remove(path)
+
+
 class MetricsLogger:
     """Writes metrics to out_dir/metrics.jsonl and TensorBoard event files.
 
     Args:
       out_dir: the run's output directory.
-      resume_step: the step a resumed run starts after (rows beyond it are dropped); None
-        for a fresh run, which starts a new file.
+      resume_step: the step a resumed run starts after (rows beyond it are dropped, earlier
+        TensorBoard events kept); None for a fresh run, which starts a new metrics file and
+        removes the TensorBoard event files of an earlier run in the same directory.
       tensorboard: also write TensorBoard events to out_dir/tensorboard (skipped, with no
         error, when tensorboardX is not installed).
       enabled: False on every host but the first, so that one file is written per run.
@@ -75,10 +97,13 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
-            _drop_after(self.path, resume_step)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
+        events = os.path.join(out_dir, TENSORBOARD_DIR)
+        if resume_step is not None:
+            drop_rows_after(self.path, resume_step)
+        else:  # a fresh run starts both records afresh, or a reader sees two runs in one
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            _remove_event_files(events)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
@@ -86,7 +111,10 @@ class MetricsLogger:
             except ImportError:
                 pass
             else:
-                self._writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                # A resumed run's first event tells TensorBoard to hide what the interrupted
+                # run logged after the checkpoint, as drop_rows_after does for the JSONL rows.
+                purge = None if resume_step is None else resume_step + 1
+                self._writer = SummaryWriter(events, purge_step=purge)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """One row: `metrics` (scalars) at `step`."""
