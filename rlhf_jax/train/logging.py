@@ -76,6 +76,17 @@ def _remove_event_files(directory: str) -> None:
             os.remove(path)
 
 
+def _summary_writer(summary_writer, directory: str, resume_step: Optional[int]):
+    """A resumed run's writer: its first event tells TensorBoard to hide what the interrupted
+    run logged after the checkpoint (as drop_rows_after does for the JSONL rows), and its file
+    name says so, which also keeps it apart from a file started in the same second (event
+    files are named by the second)."""
+    if resume_step is None:
+        return summary_writer(directory)
+    return summary_writer(directory, purge_step=resume_step + 1,
+                          filename_suffix=f".resumed_after_{resume_step}")
+
+
 class MetricsLogger:
     """Writes metrics to out_dir/metrics.jsonl and TensorBoard event files.
 
@@ -111,10 +122,7 @@ class MetricsLogger:
             except ImportError:
                 pass
             else:
-                # A resumed run's first event tells TensorBoard to hide what the interrupted
-                # run logged after the checkpoint, as drop_rows_after does for the JSONL rows.
-                purge = None if resume_step is None else resume_step + 1
-                self._writer = SummaryWriter(events, purge_step=purge)
+                self._writer = _summary_writer(SummaryWriter, events, resume_step)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """One row: `metrics` (scalars) at `step`."""
