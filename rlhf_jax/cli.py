@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, MutableMapping, Optional, Sequence
 
 COMMANDS = {
     "demo": ("rlhf_jax.demo.pipeline", "run the whole RLHF pipeline on a built-in task (CPU, minutes)"),
@@ -79,7 +79,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def quiet_advice(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Turns off transformers' advisory warnings (unless the user set the variable).
+
+    Importing transformers without torch prints "PyTorch was not found. Models won't be
+    available..." as the first line of every command, in a project whose models never need
+    torch: transformers serves only tokenizers here. Read when transformers is imported, so
+    this runs before any command module is.
+    """
+    environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs `rlhf-jax <command> ...`; returns the exit code."""
+    quiet_advice()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

@@ -1,12 +1,16 @@
-"""The `rlhf-jax` entry point's compilation-cache setting (`cli.compile_cache_dir`)."""
+"""The `rlhf-jax` entry point: its compilation-cache setting (`cli.compile_cache_dir`), its
+first line without torch, and what a mistyped command line gets."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
 from rlhf_jax import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_jax_own_setting_wins(tmp_path):
@@ -57,3 +61,72 @@ def test_the_entry_point_points_jax_at_the_cache_with_a_size_cap(tmp_path, extra
                           env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(tmp_path / "xla"), expected]
+
+
+# ---------------------------------------------------------------------------------------------
+# The first line a user sees, and what a mistyped command line gets.
+
+ADVICE = "PyTorch was not found"
+WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None\n"  # as where torch is not installed
+                 "from rlhf_jax import cli\n"
+                 "code = cli.main(sys.argv[1:])\n"
+                 "assert 'transformers' in sys.modules, 'the command never imported transformers'\n"
+                 "sys.exit(code)\n")
+
+
+def user_env(**extra):
+    """The environment of a user who set nothing about transformers' messages."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+    return {**env, **extra}
+
+
+def test_no_pytorch_advice_where_torch_is_missing(ppo_inputs, tmp_path):
+    # Without the entry point, importing transformers here does print it: the check can fail.
+    bare = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; "
+                           "import transformers"], capture_output=True, text=True, env=user_env(),
+                          timeout=120)
+    assert ADVICE in bare.stderr
+    out = tmp_path / "completions.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, "generate", "--model", str(ppo_inputs / "policy"),
+         "--prompts", str(ppo_inputs / "prompts.jsonl"), "--out", str(out),
+         "--max-new-tokens", "2", "--batch-size", "40"],
+        capture_output=True, text=True, env=user_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert ADVICE not in proc.stderr, proc.stderr
+    assert len(out.read_text().splitlines()) == 40
+
+
+def test_a_users_own_setting_of_the_advice_switch_is_kept():
+    env = {"TRANSFORMERS_NO_ADVISORY_WARNINGS": ""}
+    cli.quiet_advice(env)
+    assert env == {"TRANSFORMERS_NO_ADVISORY_WARNINGS": ""}
+    env = {}
+    cli.quiet_advice(env)
+    assert env == {"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "rlhf_jax.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_a_flat_key_is_pointed_at_its_section():
+    proc = run_cli("rm", "--config", "configs/rm_tiny.yaml", "learning_rate=1e-4")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "unknown config key 'learning_rate'; did you mean 'optim.learning_rate'? "
+        "(write it as optim.learning_rate=0.0001)"), proc.stderr
+
+
+@pytest.mark.parametrize("args, fix", [
+    (["--steps", "5"], "write steps=5"),
+    (["--optim.learning_rate=1e-4"], "write optim.learning_rate=1e-4"),
+])
+def test_an_option_is_answered_with_the_key_value_form(args, fix):
+    proc = run_cli("rm", "--config", "configs/rm_tiny.yaml", *args)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "key=value, not options" in last and last.endswith(fix), proc.stderr
+    assert "Traceback" not in proc.stderr and "unrecognized arguments" not in proc.stderr
