@@ -74,9 +74,87 @@ def test_a_freed_block_above_2_gib_stays_in_the_process():
     assert second < first / 100, (first, second)
 
 
-def test_retain_freed_memory_is_idempotent():
-    first = host_memory.retain_freed_memory()
-    assert host_memory.retain_freed_memory() == first
+THREADS = r"""
+import ctypes, json, resource, sys, threading
+if sys.argv[1] == "retain":
+    from rlhf_jax.host_memory import retain_freed_memory
+    assert retain_freed_memory() and retain_freed_memory()  # a second call keeps the settings
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 48 << 20  # above glibc's largest mmap threshold (32 MiB)
+
+def cycle():
+    block = libc.malloc(size)
+    assert block, "malloc failed"
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+
+def on_a_thread():
+    t = threading.Thread(target=cycle)
+    t.start()
+    t.join()
+
+def faults(fn):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+print(json.dumps([faults(cycle), faults(cycle), faults(on_a_thread), faults(on_a_thread)]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+@pytest.mark.parametrize("mode", ["default", "retain"])
+def test_a_freed_block_is_reused_by_the_next_allocation_on_any_thread(mode):
+    # XLA:CPU allocates on its worker threads: with one arena, a block freed on one thread is
+    # reused on another; with a thread's own arena every allocation faults its pages in again.
+    out = subprocess.run([sys.executable, "-c", THREADS, mode], capture_output=True, text=True,
+                         timeout=300, check=True)
+    first, again, thread, thread_again = json.loads(out.stdout.strip().splitlines()[-1])
+    assert first > 1000, first  # the first touch faults (4 KiB or 2 MiB pages)
+    if mode == "default":  # glibc maps each block afresh: the test can tell the two apart
+        assert min(again, thread, thread_again) > first / 2, (first, again, thread, thread_again)
+    else:
+        assert max(again, thread, thread_again) < first / 100, (first, again, thread,
+                                                                 thread_again)
+
+
+class FakeLibc:
+    """A libc whose mallopt answers `result` and records its calls."""
+
+    def __init__(self, result):
+        self.mallopt = FakeMallopt(result)
+        self.calls = self.mallopt.calls
+
+
+class FakeMallopt:
+    def __init__(self, result):
+        self.calls, self.result, self.argtypes = [], result, None
+
+    def __call__(self, param, value):
+        self.calls.append((param, value))
+        return self.result
+
+
+@pytest.mark.parametrize("libc, expected", [(OSError("no libc"), False), (FakeLibc(0), False),
+                                            (FakeLibc(1), True)])
+def test_it_reports_whether_the_settings_took(monkeypatch, libc, expected):
+    def cdll(name):
+        if isinstance(libc, Exception):
+            raise libc
+        return libc
+
+    monkeypatch.setattr(host_memory, "_applied", False)
+    monkeypatch.setattr(host_memory.sys, "platform", "linux")
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", cdll)
+    assert host_memory.retain_freed_memory() is expected
+    if expected:  # once applied, a second call changes nothing
+        calls = list(libc.calls)
+        assert host_memory.retain_freed_memory() and libc.calls == calls
+    monkeypatch.setattr(host_memory, "_applied", False)
+    monkeypatch.setattr(host_memory.sys, "platform", "darwin")
+    assert host_memory.retain_freed_memory() is False
 
 
 def test_freeze_live_objects_freezes_what_is_alive_and_collects_garbage_first():
