@@ -167,7 +167,7 @@ def test_over_length_error_drop_truncate(tmp_path, tok):
     one_line_error(path, tok, r"row 1, column 'completion': the example is \d+ tokens with "
                               r"BOS/EOS, over data.max_length=16; set data.over_length=truncate "
                               "or drop", max_length=16, over_length="error")
-    train, _ = load(path, tok, max_length=16, over_length="drop")
+    train, _ = load(path, tok, max_length=16, over_length="drop", batch_size=1)
     assert len(train) == 1 and "dropped 1 of 2 rows (1 over-length)" in train.summary
     for side, kept in (("left", p[-(14 - len(c)):]), ("right", p[:14 - len(c)])):
         train, _ = load(path, tok, max_length=16, over_length="truncate", prompt_truncation=side,
@@ -177,13 +177,13 @@ def test_over_length_error_drop_truncate(tmp_path, tok):
         assert mask == [0] * (1 + len(kept)) + [1] * (len(c) + 1)
         assert "1 truncated" in train.summary
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": long_prompt}])
-    train, _ = load(text, tok, max_length=8, over_length="truncate")
+    train, _ = load(text, tok, max_length=8, over_length="truncate", batch_size=1)
     assert train.examples.ids[0].tolist() == [BOS, *p[:7]]  # text keeps its start
     no_room = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "", "completion": long_prompt}])
-    train, _ = load(no_room, tok, max_length=8, over_length="truncate")  # completion's start
+    train, _ = load(no_room, tok, max_length=8, over_length="truncate", batch_size=1)  # completion's start
     assert train.examples.ids[0].tolist() == [BOS, *p[:7]]
     train, _ = load(path, tok, max_length=16, over_length="truncate", prompt_truncation="none",
-                    on_bad_row="drop")  # the end goes first: no target is left
+                    on_bad_row="drop", batch_size=1)  # the end goes first: no target is left
     assert "1 no target left after truncation" in train.summary
 
 

@@ -10,6 +10,9 @@ its longest item, so the step compiles once per bucket.
 On several hosts each plans its own slice of the data; the hosts then agree on the number
 of batches per epoch and on each batch's bucket (one all-gather per epoch), so every global
 batch has one shape.
+
+`load_splits` puts it together for a stage's data section: rows loaded, held out, sliced to
+this host, checked and tokenised by the stage's own function, and planned into batches.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from rlhf_jax.data import sources
+from rlhf_jax.data.checks import DataError
+from rlhf_jax.data.config import DataConfig
 
 Agree = Callable[[np.ndarray, str], np.ndarray]
 
@@ -91,7 +98,7 @@ class BatchPlan:
             if sizes.size and sizes.max() == 1:
                 self._members = None  # every group is one item: the fast path
             elif sizes.size and sizes.max() > self.batch_size:
-                raise ValueError(
+                raise DataError(
                     f"a group of {sizes.max()} items (pairs of one ranking) does not fit in a "
                     f"batch of {self.batch_size}; raise the batch size or use fewer responses"
                 )
@@ -148,8 +155,8 @@ class BatchPlan:
         epoch = 0
         while True:
             n = self.batches_per_epoch(epoch)
-            if n == 0:
-                raise ValueError("the data has fewer items than one batch; lower the batch size")
+            if n == 0:  # `load_splits` refuses such data with the source's name first
+                raise DataError("the data has fewer items than one batch; lower batch_size")
             if index < n:
                 return epoch, index
             index -= n
@@ -167,6 +174,7 @@ class Batches:
     of one batch become arrays (`collate`)."""
 
     plan: BatchPlan
+    summary: str  # one line on what was loaded, dropped and truncated
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         return self.plan.batches_per_epoch(epoch)
@@ -184,3 +192,59 @@ class Batches:
 
     def collate(self, items: np.ndarray, length: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+
+def load_splits(
+    cfg: DataConfig,
+    seed: int,
+    batch_size: int,
+    make: Callable[..., Batches],
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    agree: Optional[Agree] = None,
+):
+    """(train, held-out or None) of a data config, served on this host.
+
+    Args:
+      cfg: the data section (sources, held-out split, buckets, shuffle).
+      seed: seed of the held-out split and of the shuffle.
+      batch_size: items per global batch; each of `process_count` hosts serves its share.
+      make: `make(rows, name, plan)` checks and tokenises one split's rows (this host's
+        slice, never empty) and returns its `Batches`, planned by `plan(lengths, groups)`
+        (`BatchPlan`'s first two arguments).
+      process_index, process_count: this host's slice (default: from jax).
+      agree: how hosts agree on batch shapes (default: an all-gather; for tests).
+
+    Raises:
+      DataError: naming the source, when a split has no rows on this host or the training
+        split fills no batch.
+    """
+    import jax
+
+    count = jax.process_count() if process_count is None else process_count
+    if batch_size % count:
+        raise DataError(f"batch size {batch_size} does not split over {count} hosts")
+    hosts = f" on this host ({count} hosts share it)" if count > 1 else ""
+    train_ds, eval_ds, eval_name = sources.train_and_eval(cfg, seed)
+
+    def split(ds, name: str, train: bool) -> Batches:
+        ds = sources.host_slice(ds, process_index, count)
+        if len(ds) == 0:
+            raise DataError(f"{name}: no rows{hosts}; give a source with rows")
+
+        def plan(lengths: np.ndarray, groups: Optional[np.ndarray]) -> BatchPlan:
+            try:
+                return BatchPlan(lengths, groups, batch_size // count, cfg.bucket_lengths(), seed,
+                                 shuffle=train and cfg.shuffle, drop_last=train,
+                                 **({} if agree is None else {"agree": agree}))
+            except DataError as e:  # a ranking too large for a batch: name the source
+                raise DataError(f"{name}: {e}") from None
+
+        data = make(ds, name, plan)
+        if train and data.batches_per_epoch(0) == 0:
+            raise DataError(f"{data.summary}: too few for one batch of batch_size={batch_size}"
+                            f"{hosts}; lower batch_size or add rows")
+        return data
+
+    train = split(train_ds, cfg.train, True)
+    return train, (split(eval_ds, eval_name, False) if eval_ds is not None else None)

@@ -17,34 +17,33 @@ row and column, or is dropped and counted (`BadRows`), so nothing fails later in
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import difflib
 import math
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from rlhf_jax.data.config import Format, OnBadRow
+from rlhf_jax.data.checks import (
+    BadRow, BadRows, check_columns, check_messages, check_text, closest_layout,
+)
+from rlhf_jax.data.checks import DataError  # noqa: F401 - still imported from here elsewhere
+from rlhf_jax.data.config import Format
+from rlhf_jax.data.tokenize import render_conversation
 
-REQUIRED = {
+PREFERENCE_COLUMNS = {
     Format.EXPLICIT: ("prompt", "chosen", "rejected"),
     Format.IMPLICIT: ("chosen", "rejected"),
     Format.CONVERSATIONAL: ("chosen", "rejected"),
     Format.RANKINGS: ("prompt", "responses", "ranks"),
 }
-ACCEPTED = (
+PREFERENCE_LAYOUTS = (
     "explicit (prompt, chosen, rejected as strings)",
     "implicit (chosen, rejected as full texts sharing the prompt)",
     "conversational (chosen, rejected as lists of {role, content} messages; optional prompt)",
     "rankings (prompt, responses as a list of strings, ranks as a list of numbers, 1 = best)",
 )
 _TURN = re.compile(r"(?:^|\n)[ \t]*assistant[ \t]*:", re.IGNORECASE)
-
-
-class DataError(ValueError):
-    """A problem with the data; the message names the source, row and column."""
 
 
 @dataclasses.dataclass
@@ -72,65 +71,13 @@ class TextPairs:
         return len(self.prompt)
 
 
-class BadRow(Exception):
-    """Raised inside row parsing; `BadRows` turns it into an error or a dropped-row count."""
-
-    def __init__(self, column: str, reason: str, detail: str):
-        super().__init__(detail)
-        self.column, self.reason, self.detail = column, reason, detail
-
-
-class BadRows:
-    """Raises on the first bad row (on_bad_row=error) or counts bad rows by reason (drop)."""
-
-    def __init__(self, on_bad_row: OnBadRow, source: str):
-        self.on_bad_row = OnBadRow(on_bad_row)
-        self.source = source
-        self.counts: collections.Counter = collections.Counter()
-        self.rows: set[int] = set()
-
-    def report(self, row: int, bad: BadRow) -> None:
-        if self.on_bad_row == OnBadRow.ERROR:
-            raise DataError(
-                f"{self.source}: row {row}, column '{bad.column}': {bad.detail} "
-                f"(set data.on_bad_row=drop to skip such rows)"
-            )
-        if row not in self.rows:
-            self.counts[bad.reason] += 1
-            self.rows.add(row)
-
-    def summary(self, total: int) -> str:
-        if not self.rows:
-            return f"{self.source}: {total} rows, none dropped"
-        why = ", ".join(f"{n} {reason}" for reason, n in self.counts.most_common())
-        return f"{self.source}: dropped {len(self.rows)} of {total} rows ({why})"
-
-
 # ----------------------------------------------------------------------------- columns
 
 
-def _close(name: str, found: Sequence[str]) -> Optional[str]:
-    close = difflib.get_close_matches(name, list(found), n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def _missing_columns_error(source: str, found: Sequence[str], want: Format, missing) -> DataError:
-    hints = []
-    for name in missing:
-        close = _close(name, [c for c in found if c not in REQUIRED[want]])
-        if close:
-            hints.append(f"column '{name}' is missing; did you mean '{close}'? "
-                         f"(rename it, or set data.columns.{name}={close})")
-        else:
-            hints.append(f"column '{name}' is missing")
-    return DataError(
-        f"{source}: {'; '.join(hints)}. Found columns {list(found)}; "
-        f"accepted formats: {'; '.join(ACCEPTED)}"
-    )
-
-
-def detect_format(source: str, columns: Sequence[str], first_row: dict, fmt: Format) -> Format:
-    """The layout of the data (checked against its columns); `fmt` unless it is auto."""
+def detect_preference_format(
+    source: str, columns: Sequence[str], first_row: dict, fmt: Format
+) -> Format:
+    """The layout of preference data (checked against its columns); `fmt` unless it is auto."""
     fmt = Format(fmt)
     if fmt == Format.AUTO:
         cols = set(columns)
@@ -142,26 +89,20 @@ def detect_format(source: str, columns: Sequence[str], first_row: dict, fmt: For
             else:
                 fmt = Format.EXPLICIT if "prompt" in cols else Format.IMPLICIT
         else:  # name the format that is closest to what was found
-            fmt = min(REQUIRED, key=lambda f: len(set(REQUIRED[f]) - cols) - 0.1 * len(REQUIRED[f]))
-    missing = [c for c in REQUIRED[fmt] if c not in columns]
-    if missing:
-        raise _missing_columns_error(source, columns, fmt, missing)
+            fmt = closest_layout(PREFERENCE_COLUMNS, columns)
+    check_columns(source, columns, PREFERENCE_COLUMNS[fmt], PREFERENCE_LAYOUTS)
     return fmt
 
 
 # ----------------------------------------------------------------------------- values
 
 
-def _text(value: Any, column: str, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise BadRow(column, "non-string text",
-                     f"expected a string, got {type(value).__name__} ({value!r:.60})")
-    if not allow_empty and not value.strip():
-        raise BadRow(column, "empty text", "the text is empty")
-    return value
-
-
 def _margin(value: Any) -> float:
+    if isinstance(value, str):  # CSV columns are read as text; an empty field is no margin
+        try:
+            value = float(value) if value.strip() else None
+        except ValueError:
+            pass
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -199,46 +140,20 @@ def split_common_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _messages(value: Any, column: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise BadRow(column, "bad messages",
-                     f"expected a non-empty list of {{role, content}} messages, got {value!r:.60}")
-    for j, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise BadRow(column, "bad messages",
-                         f"message {j} must be {{'role': str, 'content': str}}, got {m!r:.80}")
-        if not m["content"].strip():
-            raise BadRow(column, "empty text", f"message {j} has empty content")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def render_conversation(tokenizer, prompt: list[dict], response: list[dict]) -> tuple[str, str]:
-    """(prompt text, response text) rendered with the tokenizer's chat template."""
-    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
-    for generation_prompt in (True, False):
-        head = ""
-        if prompt:
-            head = tokenizer.apply_chat_template(prompt, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
-        if full.startswith(head) and len(full) > len(head):
-            return head, full[len(head):]
-    raise BadRow("chosen", "chat template",
-                 "the chat template does not render the prompt as a prefix of the conversation")
-
-
 # ----------------------------------------------------------------------------- rows → pairs
 
 
 def _explicit(row: dict, out: TextPairs, group: int) -> None:
-    prompt = _text(row["prompt"], "prompt", allow_empty=True)
-    chosen, rejected = _text(row["chosen"], "chosen"), _text(row["rejected"], "rejected")
+    prompt = check_text(row["prompt"], "prompt", allow_empty=True)
+    chosen = check_text(row["chosen"], "chosen")
+    rejected = check_text(row["rejected"], "rejected")
     _different(chosen, rejected)
     out.add(prompt, chosen, rejected, _margin(row.get("margin")), group)
 
 
 def _implicit(row: dict, out: TextPairs, group: int) -> None:
-    chosen, rejected = _text(row["chosen"], "chosen"), _text(row["rejected"], "rejected")
+    chosen = check_text(row["chosen"], "chosen")
+    rejected = check_text(row["rejected"], "rejected")
     _different(chosen, rejected)
     prompt, c, r = split_common_prefix(chosen, rejected)
     if not c.strip() or not r.strip():
@@ -248,7 +163,8 @@ def _implicit(row: dict, out: TextPairs, group: int) -> None:
 
 
 def _conversational(row: dict, out: TextPairs, group: int, tokenizer) -> None:
-    chosen, rejected = _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+    chosen = check_messages(row["chosen"], "chosen")
+    rejected = check_messages(row["rejected"], "rejected")
     _different(chosen, rejected)
     prompt = row.get("prompt")
     if prompt is None:  # the shared leading messages are the prompt
@@ -257,25 +173,22 @@ def _conversational(row: dict, out: TextPairs, group: int, tokenizer) -> None:
             n += 1
         prompt = chosen[:n]
     elif isinstance(prompt, str):  # a plain-text prompt is one user message
-        prompt = [{"role": "user", "content": _text(prompt, "prompt")}]
+        prompt = [{"role": "user", "content": check_text(prompt, "prompt")}]
     else:
-        prompt = _messages(prompt, "prompt")
+        prompt = check_messages(prompt, "prompt")
     chosen = chosen[len(prompt):] if chosen[:len(prompt)] == prompt else chosen
     rejected = rejected[len(prompt):] if rejected[:len(prompt)] == prompt else rejected
     if not chosen or not rejected:
         raise BadRow("chosen", "no response after the prompt",
                      "chosen and rejected have no messages beyond the prompt")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("conversational data needs a tokenizer with a chat template; this "
-                        "tokenizer has none (set one, or give prompt/chosen/rejected as strings)")
-    head, c = render_conversation(tokenizer, prompt, chosen)
-    head_r, r = render_conversation(tokenizer, prompt, rejected)
+    head, c = render_conversation(tokenizer, prompt, chosen, "chosen")
+    head_r, r = render_conversation(tokenizer, prompt, rejected, "rejected")
     assert head == head_r
     out.add(head, c, r, _margin(row.get("margin")), group)
 
 
 def _rankings(row: dict, out: TextPairs, group: int) -> None:
-    prompt = _text(row["prompt"], "prompt", allow_empty=True)
+    prompt = check_text(row["prompt"], "prompt", allow_empty=True)
     responses, ranks = row["responses"], row["ranks"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise BadRow("responses", "bad rankings",
@@ -284,7 +197,7 @@ def _rankings(row: dict, out: TextPairs, group: int) -> None:
         raise BadRow("ranks", "bad rankings",
                      f"expected a list of {len(responses)} ranks (one per response), "
                      f"got {ranks!r:.60}")
-    texts = [_text(t, f"responses[{k}]") for k, t in enumerate(responses)]
+    texts = [check_text(t, f"responses[{k}]") for k, t in enumerate(responses)]
     for k, rank in enumerate(ranks):
         if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not math.isfinite(rank):
             raise BadRow("ranks", "bad rankings", f"rank {k} must be a number, got {rank!r:.60}")

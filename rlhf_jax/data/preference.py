@@ -21,12 +21,13 @@ from typing import Callable, Optional
 import numpy as np
 
 from rlhf_jax.data import sources
-from rlhf_jax.data.batching import BatchPlan, Batches, pad_right
-from rlhf_jax.data.config import DataConfig
+from rlhf_jax.data.batching import BatchPlan, Batches, load_splits, pad_right
+from rlhf_jax.data.checks import BadRow, BadRows, DataError
+from rlhf_jax.data.config import DataConfig, Format
 from rlhf_jax.data.formats import (
-    REQUIRED, BadRow, BadRows, DataError, TextPairs, detect_format, rows_to_pairs,
+    PREFERENCE_COLUMNS, TextPairs, detect_preference_format, rows_to_pairs,
 )
-from rlhf_jax.data.tokenize import encode, join, special_ids
+from rlhf_jax.data.tokenize import encode, join, require_chat_template, special_ids
 
 
 @dataclasses.dataclass
@@ -89,30 +90,23 @@ class PreferenceData(Batches):
         }
 
 
-def _rename(ds, columns: dict[str, str], source: str):
-    found = ds.column_names
-    for ours, theirs in columns.items():
-        if theirs not in found:
-            raise DataError(f"{source}: data.columns.{ours}={theirs!r} names no column; found "
-                            f"{[c for c in found if c != sources.ROW]}")
-    return ds.rename_columns({theirs: ours for ours, theirs in columns.items() if theirs != ours})
-
-
 def pairs_of(ds, cfg: DataConfig, tokenizer, source: str) -> tuple[EncodedPairs, str]:
-    """Checked, tokenised pairs of a loaded dataset, and a one-line report of dropped rows."""
-    if len(ds) == 0:
-        raise DataError(f"{source}: has no rows")
-    ds = _rename(ds, cfg.columns, source)
+    """Checked, tokenised pairs of a loaded dataset (with rows), and a one-line report of
+    dropped rows."""
+    ds = sources.rename_columns(ds, cfg.columns, source)
     columns = [c for c in ds.column_names if c != sources.ROW]
-    fmt = detect_format(source, columns, ds[0], cfg.format)
-    wanted = [c for c in (*REQUIRED[fmt], "prompt", "margin") if c in columns]
+    fmt = detect_preference_format(source, columns, ds[0], cfg.format)
+    if fmt == Format.CONVERSATIONAL:
+        require_chat_template(tokenizer, source, "give prompt/chosen/rejected as strings")
+    wanted = [c for c in (*PREFERENCE_COLUMNS[fmt], "prompt", "margin") if c in columns]
     data = ds.select_columns(list(dict.fromkeys(wanted)) + [sources.ROW]).to_dict()
     row_ids = data.pop(sources.ROW)
     bad = BadRows(cfg.on_bad_row, source)
     texts = rows_to_pairs(data, fmt, row_ids, bad, tokenizer)
     pairs = encode_pairs(texts, tokenizer, cfg, bad)
     if len(pairs.margin) == 0:
-        raise DataError(f"{bad.summary(len(ds))}: no pairs are left")
+        raise DataError(f"{bad.summary(len(ds))}: no pairs are left; set data.on_bad_row=error "
+                        "to stop at the first bad row and see why")
     kind = f"{fmt.value} format, {len(pairs.margin)} pairs"
     return pairs, f"{bad.summary(len(ds))}; {kind}"
 
@@ -136,22 +130,10 @@ def load_preferences(
       process_index, process_count: this host's slice (default: from jax).
       agree: how hosts agree on batch shapes (default: an all-gather; for tests).
     """
-    import jax
-
-    count = jax.process_count() if process_count is None else process_count
-    if batch_size % count:
-        raise DataError(f"batch size {batch_size} does not split over {count} hosts")
-    train_ds, eval_ds, eval_name = sources.train_and_eval(cfg, seed)
     _, _, pad = special_ids(tokenizer, cfg.add_bos, cfg.add_eos)
-    buckets = cfg.bucket_lengths()
-    extra = {} if agree is None else {"agree": agree}
 
-    def split(ds, name: str, train: bool) -> PreferenceData:
-        ds = sources.host_slice(ds, process_index, count)
+    def make(ds, name: str, plan: Callable[..., BatchPlan]) -> PreferenceData:
         pairs, summary = pairs_of(ds, cfg, tokenizer, name)
-        plan = BatchPlan(pairs.lengths, pairs.group, batch_size // count, buckets, seed,
-                         shuffle=train and cfg.shuffle, drop_last=train, **extra)
-        return PreferenceData(pairs, plan, pad, summary)
+        return PreferenceData(pairs, plan(pairs.lengths, pairs.group), pad, summary)
 
-    train = split(train_ds, cfg.train, True)
-    return train, (split(eval_ds, eval_name, False) if eval_ds is not None else None)
+    return load_splits(cfg, seed, batch_size, make, process_index, process_count, agree)

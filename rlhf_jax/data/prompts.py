@@ -16,8 +16,8 @@ import numpy as np
 
 from rlhf_jax.config import check
 from rlhf_jax.data import sources
+from rlhf_jax.data.checks import BadRow, BadRows, DataError, check_messages, closest_name
 from rlhf_jax.data.config import OnBadRow, Truncation
-from rlhf_jax.data.formats import BadRow, BadRows, DataError, _close
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +63,9 @@ class Prompts:
     """Encoded prompts of one split and the order they are served in."""
 
     def __init__(self, texts: list[str], ids: list[list[int]], seed: int, shuffle: bool,
-                 summary: str):
-        self.texts, self.ids, self.seed, self.shuffle, self.summary = texts, ids, seed, shuffle, summary
+                 summary: str, source: str):
+        self.texts, self.ids, self.seed, self.shuffle = texts, ids, seed, shuffle
+        self.summary, self.source = summary, source
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -78,8 +79,8 @@ class Prompts:
         """
         per_epoch = len(self.ids) // batch_size
         if per_epoch == 0:
-            raise DataError(f"{len(self.ids)} prompts are fewer than one batch of {batch_size}; "
-                            "lower batch_size or add prompts")
+            raise DataError(f"{self.source}: {len(self.ids)} prompts are fewer than one batch of "
+                            f"batch_size={batch_size}; lower batch_size or add prompts")
         epoch, k = divmod(index, per_epoch)
         n = len(self.ids)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle \
@@ -93,10 +94,16 @@ def _read(source: str):
         import datasets
 
         try:
-            with open(source, encoding="utf-8") as f:
+            with open(source, encoding="utf-8-sig") as f:  # a leading BOM is not the prompt's
                 lines = [line.rstrip("\n") for line in f if line.strip()]
         except OSError as e:
             raise DataError(f"{source}: cannot be read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{source}: is not UTF-8 text; save it as UTF-8, one prompt per "
+                            "line") from None
+        if not lines:
+            raise DataError(f"{source}: no rows (the file is empty or holds only blank lines); "
+                            "write one prompt per line")
         ds = datasets.Dataset.from_dict({"prompt": lines})
         return ds.add_column(sources.ROW, np.arange(len(ds), dtype=np.int64))
     return sources.load_rows(source)
@@ -104,11 +111,8 @@ def _read(source: str):
 
 def _prompt_text(value: Any, cfg: PromptDataConfig, tokenizer) -> str:
     if isinstance(value, list):
-        if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                and isinstance(m.get("content"), str) for m in value):
-            raise BadRow(cfg.column, "bad messages",
-                         "messages must be a non-empty list of {role, content} strings")
-        return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+        messages = check_messages(value, cfg.column)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if not isinstance(value, str):
         raise BadRow(cfg.column, "not a string",
                      f"expected a string (or a list of messages), got {type(value).__name__}")
@@ -124,7 +128,7 @@ def encode_split(ds, source: str, cfg: PromptDataConfig, tokenizer, seed: int) -
     """Validates and encodes every row of `ds` (errors or drops bad rows, by config)."""
     if cfg.column not in ds.column_names:
         found = [c for c in ds.column_names if c != sources.ROW]
-        close = _close(cfg.column, found)
+        close = closest_name(cfg.column, found)
         hint = f"; did you mean '{close}'? (set prompts.column={close})" if close else \
             "; set prompts.column to the column that holds the prompts"
         raise DataError(f"{source}: no column '{cfg.column}'{hint}. Found columns {found}")
@@ -155,8 +159,10 @@ def encode_split(ds, source: str, cfg: PromptDataConfig, tokenizer, seed: int) -
         texts.append(text)
         ids.append(tokens)
     if not ids:
-        raise DataError(f"{source}: no usable prompts ({bad.summary(len(ds))})")
-    return Prompts(texts, ids, seed, cfg.shuffle, bad.summary(len(ds)))
+        fix = ("set prompts.on_bad_row=error to stop at the first bad row and see why" if bad.rows
+               else "give a source with rows")
+        raise DataError(f"{bad.summary(len(ds))}: no usable prompts; {fix}")
+    return Prompts(texts, ids, seed, cfg.shuffle, bad.summary(len(ds)), source)
 
 
 def load_prompts(cfg: PromptDataConfig, tokenizer, seed: int) -> tuple[Prompts, Optional[Prompts]]:

@@ -36,13 +36,14 @@ from typing import Callable, Optional
 import numpy as np
 
 from rlhf_jax.data import sources
-from rlhf_jax.data.batching import BatchPlan, Batches
-from rlhf_jax.data.config import DataConfig, Truncation
-from rlhf_jax.data.formats import (
-    BadRow, BadRows, DataError, _close, _messages, _text, render_conversation,
+from rlhf_jax.data.batching import BatchPlan, Batches, load_splits
+from rlhf_jax.data.checks import (
+    BadRow, BadRows, DataError, check_columns, check_messages, check_text, closest_layout,
 )
-from rlhf_jax.data.preference import _rename
-from rlhf_jax.data.tokenize import encode, special_ids
+from rlhf_jax.data.config import DataConfig, Truncation
+from rlhf_jax.data.tokenize import (
+    encode, render_conversation, require_chat_template, special_ids,
+)
 
 # ----------------------------------------------------------------------------- config
 
@@ -60,16 +61,16 @@ class OverLength(str, enum.Enum):
     TRUNCATE = "truncate"  # cut the prompt (prompt_truncation side), then the end
 
 
-REQUIRED = {
+SFT_COLUMNS = {
     SFTFormat.PROMPT_COMPLETION: ("prompt", "completion"),
     SFTFormat.CONVERSATIONAL: ("messages",),
     SFTFormat.TEXT: ("text",),
 }
 TARGET_COLUMN = {SFTFormat.PROMPT_COMPLETION: "completion",
                  SFTFormat.CONVERSATIONAL: "messages", SFTFormat.TEXT: "text"}
-ACCEPTED = ("prompt_completion (prompt, completion as strings)",
-            "conversational (messages as a list of {role, content}; loss on assistant turns)",
-            "text (text as a string; loss on every token)")
+SFT_LAYOUTS = ("prompt_completion (prompt, completion as strings)",
+               "conversational (messages as a list of {role, content}; loss on assistant turns)",
+               "text (text as a string; loss on every token)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,26 +95,14 @@ class SFTDataConfig(DataConfig):
 # ----------------------------------------------------------------------------- rows → chunks
 
 
-def detect_format(source: str, columns: list[str], fmt: SFTFormat) -> SFTFormat:
-    """The layout of the data (checked against its columns); `fmt` unless it is auto."""
+def detect_sft_format(source: str, columns: list[str], fmt: SFTFormat) -> SFTFormat:
+    """The layout of SFT data (checked against its columns); `fmt` unless it is auto."""
     fmt = SFTFormat(fmt)
     if fmt == SFTFormat.AUTO:
-        cols = set(columns)
-        found = [f for f, need in REQUIRED.items() if set(need) <= cols]
-        if found:
-            fmt = found[0]
-        else:  # name the format that is closest to what was found
-            fmt = min(REQUIRED, key=lambda f: len(set(REQUIRED[f]) - cols) - 0.1 * len(REQUIRED[f]))
-    missing = [c for c in REQUIRED[fmt] if c not in columns]
-    if missing:
-        hints = []
-        for name in missing:
-            close = _close(name, [c for c in columns if c not in REQUIRED[fmt]])
-            hints.append(f"column '{name}' is missing" + (
-                f"; did you mean '{close}'? (rename it, or set data.columns.{name}={close})"
-                if close else ""))
-        raise DataError(f"{source}: {'; '.join(hints)}. Found columns {list(columns)}; "
-                        f"accepted formats: {'; '.join(ACCEPTED)}")
+        found = [f for f, need in SFT_COLUMNS.items() if set(need) <= set(columns)]
+        # else name the format that is closest to what was found
+        fmt = found[0] if found else closest_layout(SFT_COLUMNS, columns)
+    check_columns(source, columns, SFT_COLUMNS[fmt], SFT_LAYOUTS)
     return fmt
 
 
@@ -145,11 +134,11 @@ def conversation_chunks(messages: list[dict], tokenizer) -> list[tuple[str, bool
 def row_chunks(row: dict, fmt: SFTFormat, tokenizer) -> list[tuple[str, bool]]:
     """(text, is target) pieces of one row, checked; raises `BadRow`."""
     if fmt == SFTFormat.PROMPT_COMPLETION:
-        prompt = _text(row["prompt"], "prompt", allow_empty=True)
-        return [(prompt, False), (_text(row["completion"], "completion"), True)]
+        prompt = check_text(row["prompt"], "prompt", allow_empty=True)
+        return [(prompt, False), (check_text(row["completion"], "completion"), True)]
     if fmt == SFTFormat.TEXT:
-        return [(_text(row["text"], "text"), True)]
-    return conversation_chunks(_messages(row["messages"], "messages"), tokenizer)
+        return [(check_text(row["text"], "text"), True)]
+    return conversation_chunks(check_messages(row["messages"], "messages"), tokenizer)
 
 
 # ----------------------------------------------------------------------------- chunks → tokens
@@ -175,7 +164,7 @@ def assemble(
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
-def fit(
+def truncate_example(
     ids: np.ndarray, mask: np.ndarray, max_length: int, side: Truncation, bos: Optional[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cuts an over-long example to `max_length`: first its prompt (the tokens before the
@@ -236,7 +225,7 @@ def encode_examples(
             if cfg.over_length == OverLength.DROP:
                 counts["dropped"] += 1
                 continue
-            ids, mask = fit(ids, mask, cfg.max_length, cfg.prompt_truncation, bos)
+            ids, mask = truncate_example(ids, mask, cfg.max_length, cfg.prompt_truncation, bos)
             if not mask.any():
                 bad.report(row_ids[i], BadRow(
                     column, "no target left after truncation",
@@ -319,18 +308,14 @@ class SFTData(Batches):
 
 
 def examples_of(ds, cfg: SFTDataConfig, tokenizer, source: str) -> tuple[Examples, str]:
-    """Checked, tokenised examples of a loaded dataset, and a one-line report."""
-    if len(ds) == 0:
-        raise DataError(f"{source}: has no rows")
-    ds = _rename(ds, cfg.columns, source)
+    """Checked, tokenised examples of a loaded dataset (with rows), and a one-line report."""
+    ds = sources.rename_columns(ds, cfg.columns, source)
     columns = [c for c in ds.column_names if c != sources.ROW]
-    fmt = detect_format(source, columns, cfg.format)
-    data = ds.select_columns([*REQUIRED[fmt], sources.ROW]).to_dict()
+    fmt = detect_sft_format(source, columns, cfg.format)
+    if fmt == SFTFormat.CONVERSATIONAL:
+        require_chat_template(tokenizer, source, "give prompt/completion strings")
+    data = ds.select_columns([*SFT_COLUMNS[fmt], sources.ROW]).to_dict()
     row_ids = data.pop(sources.ROW)
-    if fmt == SFTFormat.CONVERSATIONAL and getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{source}: conversational data needs a tokenizer with a chat template; "
-                        "this tokenizer has none (set model.tokenizer to one that has, or give "
-                        "prompt/completion strings)")
     bad = BadRows(cfg.on_bad_row, source)
     examples, counts = encode_examples(data, fmt, row_ids, tokenizer, cfg, bad, source)
     dropped = len(bad.rows) + counts["dropped"]
@@ -339,7 +324,8 @@ def examples_of(ds, cfg: SFTDataConfig, tokenizer, source: str) -> tuple[Example
     kept = f"dropped {dropped} of {len(ds)} rows ({', '.join(why)})" if dropped else \
         f"{len(ds)} rows, none dropped"
     if not examples.ids:
-        raise DataError(f"{source}: {kept}: no examples are left")
+        raise DataError(f"{source}: {kept}: no examples are left; set data.on_bad_row=error and "
+                        "data.over_length=error to stop at the first bad row and see why")
     targets = sum(int(m.sum()) for m in examples.loss_mask)
     truncated = f", {counts['truncated']} truncated" if counts["truncated"] else ""
     return examples, (f"{source}: {kept}{truncated}; {fmt.value} format, {len(examples.ids)} "
@@ -365,17 +351,9 @@ def load_sft(
       process_index, process_count: this host's slice (default: from jax).
       agree: how hosts agree on batch shapes (default: an all-gather; for tests).
     """
-    import jax
-
-    count = jax.process_count() if process_count is None else process_count
-    if batch_size % count:
-        raise DataError(f"batch size {batch_size} does not split over {count} hosts")
-    train_ds, eval_ds, eval_name = sources.train_and_eval(cfg, seed)
     _, _, pad = special_ids(tokenizer, cfg.add_bos, cfg.add_eos)
-    extra = {} if agree is None else {"agree": agree}
 
-    def split(ds, name: str, train: bool) -> SFTData:
-        ds = sources.host_slice(ds, process_index, count)
+    def make(ds, name: str, plan: Callable[..., BatchPlan]) -> SFTData:
         examples, summary = examples_of(ds, cfg, tokenizer, name)
         rows, lengths = None, examples.lengths
         if cfg.packing:
@@ -383,9 +361,6 @@ def load_sft(
             lengths = np.asarray([lengths[r].sum() for r in rows], np.int64)
             summary += (f"; packed into {len(rows)} rows, "
                         f"{lengths.sum() / (len(rows) * cfg.max_length):.0%} full")
-        plan = BatchPlan(lengths, None, batch_size // count, cfg.bucket_lengths(), seed,
-                         shuffle=train and cfg.shuffle, drop_last=train, **extra)
-        return SFTData(examples, rows, plan, pad, summary)
+        return SFTData(examples, rows, plan(lengths, None), pad, summary)
 
-    train = split(train_ds, cfg.train, True)
-    return train, (split(eval_ds, eval_name, False) if eval_ds is not None else None)
+    return load_splits(cfg, seed, batch_size, make, process_index, process_count, agree)

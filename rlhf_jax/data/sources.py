@@ -7,18 +7,28 @@ message about a bad row names the row the user can find, after any split or host
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
+import json
 import os
 from typing import Optional
 
 import numpy as np
 
-from rlhf_jax.data.formats import DataError
+from rlhf_jax.data.checks import DataError
 
 ROW = "_row"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
                  ".arrow": "arrow"}
+FIX = {  # how to write a file of each kind so that it reads
+    "json": "write one JSON object per line (.jsonl) or one JSON array of objects (.json)",
+    "csv": "write UTF-8 CSV with a header row of column names",
+    "parquet": "write it with pandas' DataFrame.to_parquet or datasets' Dataset.to_parquet",
+    "arrow": "write it with datasets' Dataset.save_to_disk and give that directory",
+}
+# What `datasets` says when files parse to no rows (a CSV header only, an empty JSON array).
+_NO_DATA = "corresponds to no data"
 
 
 @contextlib.contextmanager
@@ -39,21 +49,77 @@ def _quiet():
             ds_logging.enable_progress_bar()
 
 
-def _first_bad_json_line(path: str) -> Optional[str]:
-    """'line N: why' for the first line of a .jsonl file that is not a JSON object."""
-    import json
+def _reason(error: BaseException) -> str:
+    """'Type: first line' of the innermost cause (`datasets` wraps the reader's error)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"line {n} is not valid JSON ({e.msg}, column {e.colno})"
-            if not isinstance(row, dict):
-                return f"line {n} is a {type(row).__name__}, not a JSON object of columns"
+
+def _has_text(path: str) -> bool:
+    """False for a file of nothing but whitespace (after a UTF-8 BOM); reads only as far as
+    the first other byte."""
+    with open(path, "rb") as f:
+        chunk = f.read(1 << 16).removeprefix(codecs.BOM_UTF8)
+        while chunk:
+            if chunk.strip():
+                return True
+            chunk = f.read(1 << 16)
+    return False
+
+
+def _not_utf8(path: str) -> Optional[str]:
+    """Why a text file is not UTF-8, or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            return f"is not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason})"
     return None
+
+
+def _json_problem(path: str) -> Optional[str]:
+    """Why a .json/.jsonl file is not JSON objects, one per line or in one array, or None."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # one JSON document
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"is not valid JSON ({e.msg}, line {e.lineno}, column {e.colno})"
+        kinds = {type(r).__name__ for r in rows if not isinstance(r, dict)}
+        return f"is a JSON array of {', '.join(sorted(kinds))}, not of objects" if kinds else None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n} is not valid JSON ({e.msg}, column {e.colno})"
+        if not isinstance(row, dict):
+            return f"line {n} is a {type(row).__name__}, not a JSON object of columns"
+    return None
+
+
+def _unreadable(source: str, builder: str, files: list[str], error: Exception) -> DataError:
+    """The one-line error for files `datasets` could not read: the first file whose problem
+    we can name (not UTF-8, not JSON objects), else the reader's own reason."""
+    if _NO_DATA in str(error):
+        return DataError(f"{source}: no rows (a header or an empty array only); {FIX[builder]}")
+    for f in files:
+        why = None
+        if builder in ("json", "csv"):
+            why = _not_utf8(f)
+        if why is None and builder == "json":
+            why = _json_problem(f)
+        if why:
+            return DataError(f"{f}: {why}; {FIX[builder]}")
+    return DataError(f"{source}: could not be read as {builder} ({_reason(error)}); "
+                     f"{FIX[builder]}")
 
 
 def _builder(source: str, files: list[str]) -> str:
@@ -66,7 +132,46 @@ def _builder(source: str, files: list[str]) -> str:
     return FILE_BUILDERS[exts.pop()]
 
 
+def _csv_as_text(path: str) -> dict:
+    """`load_dataset` options that read every column of a CSV file as the text it holds:
+    "007" stays "007" and "NA" stays "NA" (CSV has no types; pandas would guess them)."""
+    import csv
+
+    import datasets
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        header = next(csv.reader(f), [])
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "na_filter": False}
+
+
+def _from_files(source: str, files: list[str]):
+    import datasets
+
+    builder = _builder(source, files)
+    for f in files:
+        if not _has_text(f):
+            raise DataError(f"{f}: no rows (the file is empty or holds only blank lines); "
+                            f"{FIX[builder]}")
+    try:
+        options = _csv_as_text(files[0]) if builder == "csv" else {}
+        return datasets.load_dataset(builder, data_files=files, split="train", **options)
+    except Exception as e:  # noqa: BLE001 - any reader's failure means a malformed file
+        raise _unreadable(source, builder, files, e) from None
+
+
 def _from_dir(path: str, split: str):
+    try:
+        return _load_dir(path, split)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged save or unreadable data files
+        raise DataError(f"{path}: could not be read as a save_to_disk directory or a folder of "
+                        f"data files ({_reason(e)}); give one data file or a glob "
+                        "instead") from None
+
+
+def _load_dir(path: str, split: str):
     import datasets
 
     if os.path.exists(os.path.join(path, "dataset_dict.json")):
@@ -88,7 +193,7 @@ def _from_hub(name: str, split: str):
     except Exception as e:  # noqa: BLE001 - any failure here means "not loadable"
         raise DataError(
             f"{name!r} is not a local file or directory, and loading it from the Hugging Face "
-            f"Hub failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Offline? Give a "
+            f"Hub failed ({_reason(e)}). Offline? Give a "
             "local .jsonl/.json/.csv/.parquet file or a save_to_disk directory instead."
         ) from None
 
@@ -105,27 +210,18 @@ def load_rows(source: str, split: str = "train"):
       source: a .json/.jsonl/.csv/.parquet/.arrow file or glob, a `save_to_disk` directory
         (a Dataset or a DatasetDict), a directory of data files, or a hub name.
       split: the split of a DatasetDict directory or hub dataset (files have only one).
-    """
-    import datasets
 
+    Raises:
+      DataError: one line naming the file and the fix, for a source that is missing, empty,
+        or cannot be read.
+    """
     path = os.path.expanduser(source)
     files = sorted(glob.glob(path)) if glob.has_magic(path) else []
     with _quiet():
         if os.path.isdir(path):
             ds = _from_dir(path, split)
         elif os.path.isfile(path) or files:
-            files = files or [path]
-            builder = _builder(source, files)
-            try:
-                ds = datasets.load_dataset(builder, data_files=files, split="train")
-            except Exception as e:  # noqa: BLE001 - a malformed file
-                bad = [(f, _first_bad_json_line(f)) for f in files if f.endswith(".jsonl")]
-                bad = [(f, why) for f, why in bad if why]
-                if bad:
-                    raise DataError(f"{bad[0][0]}: {bad[0][1]}; write one JSON object per "
-                                    "line") from None
-                raise DataError(f"{source}: could not be read as {builder} "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            ds = _from_files(source, files or [path])
         elif _looks_local(source):
             raise DataError(f"{source}: no such file or directory")
         else:
@@ -133,6 +229,16 @@ def load_rows(source: str, split: str = "train"):
     if ROW in ds.column_names:
         ds = ds.remove_columns(ROW)
     return ds.add_column(ROW, np.arange(len(ds), dtype=np.int64))
+
+
+def rename_columns(ds, columns: dict[str, str], source: str):
+    """`ds` with the data's column names mapped to ours (`columns`: ours → theirs)."""
+    found = ds.column_names
+    for ours, theirs in columns.items():
+        if theirs not in found:
+            raise DataError(f"{source}: data.columns.{ours}={theirs!r} names no column; found "
+                            f"{[c for c in found if c != ROW]}")
+    return ds.rename_columns({theirs: ours for ours, theirs in columns.items() if theirs != ours})
 
 
 def hold_out(ds, fraction: float, seed: int):

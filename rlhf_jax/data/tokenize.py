@@ -1,8 +1,9 @@
-"""Texts → token sequences `[BOS] prompt response [EOS]` that fit `max_length`.
+"""Texts → token sequences `[BOS] prompt response [EOS]` that fit `max_length`, and
+conversations → texts with the tokenizer's chat template.
 
 Prompt and responses are tokenised separately (so the prompt can be cut on its own) and
 joined; an over-long prompt is cut from the configured side, and a row that still does
-not fit is a bad row (`formats.BadRow`), reported with its row and column.
+not fit is a bad row (`checks.BadRow`), reported with its row and column.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from rlhf_jax.data.checks import BadRow, DataError
 from rlhf_jax.data.config import Truncation
-from rlhf_jax.data.formats import BadRow
 
 
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -74,3 +75,33 @@ def join(
         prompt = prompt[len(prompt) - room:] if truncation == Truncation.LEFT else prompt[:room]
     start = head + list(prompt)
     return [np.asarray(start + list(r) + t, np.int32) for r, t in zip(responses, tails)], len(start)
+
+
+def require_chat_template(tokenizer, source: str, instead: str) -> None:
+    """Raises a `DataError` when conversational data meets a tokenizer without a chat
+    template; `instead` says what to give instead."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{source}: conversational data needs a tokenizer with a chat template; "
+                        f"this tokenizer has none (set model.tokenizer to one that has, or "
+                        f"{instead})")
+
+
+def render_conversation(
+    tokenizer, prompt: list[dict], response: list[dict], column: str = "chosen"
+) -> tuple[str, str]:
+    """(prompt text, response text) rendered with the tokenizer's chat template.
+
+    Raises:
+      BadRow: in `column`, when the template does not render the prompt as a prefix of the
+        whole conversation.
+    """
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    for generation_prompt in (True, False):
+        head = ""
+        if prompt:
+            head = tokenizer.apply_chat_template(prompt, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        if full.startswith(head) and len(full) > len(head):
+            return head, full[len(head):]
+    raise BadRow(column, "chat template",
+                 "the chat template does not render the prompt as a prefix of the conversation")
