@@ -50,8 +50,11 @@ def setup(value_kind, mesh=None):
     return policy, rm, params, train
 
 
-def run_iteration(value_kind, mesh=None, **overrides):
-    cfg = ppo.PPOConfig(value_kind=value_kind, num_minibatches=2, ppo_epochs=2, **overrides)
+def experience_and_step(value_kind, mesh=None, **overrides):
+    """(cfg, policy, critic, initial train state, scored, experience, stats, jitted step) on the
+    fixed rollout."""
+    cfg = ppo.PPOConfig(value_kind=value_kind, **{"num_minibatches": 2, "ppo_epochs": 2,
+                                                  **overrides})
     policy, rm, params, train = setup(value_kind, mesh)
     critic = rm if value_kind == "separate" else None
     tx = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-3), 10)
@@ -64,6 +67,11 @@ def run_iteration(value_kind, mesh=None, **overrides):
     step = jax.jit(functools.partial(ppo.train_step, policy=policy, critic=critic, tx=tx, cfg=cfg))
     scored = score(params, ro)
     exp, stats = adv(ro, scored, jnp.float32(0.05))
+    return cfg, policy, critic, state, scored, exp, stats, step
+
+
+def run_iteration(value_kind, mesh=None, **overrides):
+    _, _, _, state, scored, exp, stats, step = experience_and_step(value_kind, mesh, **overrides)
     history = []
     for i in range(3):
         state, metrics = step(state, exp, jax.random.PRNGKey(i))
@@ -79,7 +87,48 @@ def test_ppo_step_improves_the_surrogate_on_fixed_experience(value_kind):
     assert all(h["finite"] == 1.0 for h in history)
     assert history[-1]["policy_loss"] < history[0]["policy_loss"]
     assert history[-1]["value_loss"] < history[0]["value_loss"]
-    assert history[0]["approx_kl"] >= 0 and np.isfinite(history[-1]["entropy"])
+
+
+def test_policy_metrics_of_an_update_match_a_hand_computation():
+    """One update per step: step 1 runs at the sampling policy (ρ = 1 exactly), step 2 at the
+    updated one, where ρ, the KL estimates, clip fraction and loss are recomputed here in
+    float64 from the policy's log-probs."""
+    cfg, policy, critic, state, _, exp, _, step = experience_and_step(
+        "separate", ppo_epochs=1, num_minibatches=1)
+    state, first = jax.device_get(step(state, exp, jax.random.PRNGKey(0)))
+    real = np.asarray(exp.response_mask) > 0
+    adv = np.asarray(exp.advantages, np.float64)[real]
+    assert abs(first["approx_kl"]) < 1e-6 and abs(first["approx_kl_k3"]) < 1e-6
+    np.testing.assert_allclose(first["ratio"], 1.0, atol=1e-6)
+    assert first["clipfrac"] == 0.0
+    np.testing.assert_allclose(first["policy_loss"], -adv.mean(), atol=1e-6)
+
+    logprobs = jax.jit(functools.partial(ppo.policy_and_values, policy=policy, critic=critic,
+                                         cfg=cfg))(state.params, exp)[0]
+    log_ratio = (np.asarray(logprobs, np.float64) - np.asarray(exp.logprobs, np.float64))[real]
+    rho = np.exp(log_ratio)
+    unclipped, clipped = -adv * rho, -adv * np.clip(rho, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    expected = {"approx_kl": np.mean(0.5 * log_ratio**2),
+                "approx_kl_k3": np.mean(rho - 1 - log_ratio),
+                "ratio": np.mean(rho),
+                "clipfrac": np.mean(clipped > unclipped),
+                "policy_loss": np.mean(np.maximum(unclipped, clipped))}
+    _, second = jax.device_get(step(state, exp, jax.random.PRNGKey(1)))
+    assert expected["approx_kl"] > 1e-4  # the policy moved: the comparison is not of zeros
+    for k, v in expected.items():
+        np.testing.assert_allclose(second[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_gradient_accumulation_matches_one_batch():
+    """Minibatches of 4 rows as 2 microbatches of 2: the same updates, metrics and params."""
+    *_, one_history, one_state = run_iteration("separate")
+    *_, history, state = run_iteration("separate", grad_accum=2)
+    assert one_history[-1]["policy_loss"] < one_history[0]["policy_loss"]  # it did learn
+    for h, r in zip(history, one_history):
+        for k in r:
+            np.testing.assert_allclose(h[k], r[k], atol=1e-5, rtol=1e-5, err_msg=k)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                           jax.device_get(state.params), jax.device_get(one_state.params))
 
 
 # (2, 2, 2) is left out here: on 2 cores, XLA's CPU runtime starves the tensor-parallel
