@@ -77,6 +77,20 @@ def test_policy_loss_matches_the_clipped_objective(dual_clip):
         np.testing.assert_allclose(float(v), ref[k], err_msg=k, **TOL)
 
 
+def test_kl_estimates_on_ratios_computed_by_hand():
+    # ρ = 2, 1/2, e^0.1 on real tokens; the padded token (ρ = e^5) must not count.
+    # ½(log ρ)²:      ½(ln²2 + ln²2 + 0.01)                         = 0.485453
+    # (ρ − 1) − log ρ: (1 − ln 2) + (−½ + ln 2) + (e^0.1 − 1.1)      = 0.505171
+    old = np.full((1, 4), -2.0, np.float32)
+    logp = old + np.array([[np.log(2.0), -np.log(2.0), 0.1, 5.0]], np.float32)
+    mask = np.array([[1, 1, 1, 0]], np.float32)
+    _, count, metrics = L.policy_loss(logp, old, np.ones((1, 4), np.float32), mask, 0.2)
+    assert float(count) == 3
+    np.testing.assert_allclose(float(metrics["approx_kl"]), 0.485453, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["approx_kl_k3"]), 0.505171, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["ratio"]), 3.605171, atol=1e-6)
+
+
 EPS, DUAL = 0.2, 3.0
 # (advantage, ratio, real, case): what the objective picks at each token, by construction.
 TOKENS = [
