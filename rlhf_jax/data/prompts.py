@@ -64,11 +64,18 @@ class Prompts:
 
     def __init__(self, texts: list[str], ids: list[list[int]], seed: int, shuffle: bool,
                  summary: str, source: str):
+        """`summary`: one line on what was loaded and dropped; `source`: where from."""
         self.texts, self.ids, self.seed, self.shuffle = texts, ids, seed, shuffle
         self.summary, self.source = summary, source
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def require_batch(self, batch_size: int) -> None:
+        """Raises a `DataError` naming the source when the prompts fill no batch."""
+        if len(self.ids) < batch_size:
+            raise DataError(f"{self.source}: {len(self.ids)} prompts are fewer than one batch of "
+                            f"batch_size={batch_size}; lower batch_size or add prompts")
 
     def batch_rows(self, index: int, batch_size: int) -> np.ndarray:
         """Row indices [batch_size] of batch `index` (0-based) of the run.
@@ -77,10 +84,8 @@ class Prompts:
         batches, the last partial batch dropped. The same index always gives the same rows,
         so a resumed run continues the data exactly.
         """
+        self.require_batch(batch_size)
         per_epoch = len(self.ids) // batch_size
-        if per_epoch == 0:
-            raise DataError(f"{self.source}: {len(self.ids)} prompts are fewer than one batch of "
-                            f"batch_size={batch_size}; lower batch_size or add prompts")
         epoch, k = divmod(index, per_epoch)
         n = len(self.ids)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle \
@@ -165,15 +170,27 @@ def encode_split(ds, source: str, cfg: PromptDataConfig, tokenizer, seed: int) -
     return Prompts(texts, ids, seed, cfg.shuffle, bad.summary(len(ds)), source)
 
 
-def load_prompts(cfg: PromptDataConfig, tokenizer, seed: int) -> tuple[Prompts, Optional[Prompts]]:
-    """(training prompts of this host, held-out prompts or None)."""
+def load_prompts(
+    cfg: PromptDataConfig, tokenizer, seed: int, batch_size: Optional[int] = None
+) -> tuple[Prompts, Optional[Prompts]]:
+    """(training prompts of this host, held-out prompts or None).
+
+    Args:
+      cfg: the prompts section.
+      tokenizer: a Hugging Face tokenizer (its chat template renders messages).
+      seed: seed of the held-out split and of the order prompts are served in.
+      batch_size: prompts per batch on this host; with it, too few prompts are refused here,
+        naming the file, instead of at the first iteration.
+    """
     ds = _read(cfg.train)
     held = None
     if cfg.eval:
         held = encode_split(sources.host_slice(_read(cfg.eval)), cfg.eval, cfg, tokenizer, seed)
     elif cfg.eval_fraction:
-        ds, held_ds = sources.hold_out(ds, cfg.eval_fraction, seed)
+        ds, held_ds = sources.hold_out(ds, cfg.eval_fraction, seed, cfg.train)
         held = encode_split(sources.host_slice(held_ds), cfg.train + " (held out)", cfg,
                             tokenizer, seed)
     train = encode_split(sources.host_slice(ds), cfg.train, cfg, tokenizer, seed)
+    if batch_size is not None:
+        train.require_batch(batch_size)
     return train, held

@@ -241,10 +241,11 @@ def rename_columns(ds, columns: dict[str, str], source: str):
     return ds.rename_columns({theirs: ours for ours, theirs in columns.items() if theirs != ours})
 
 
-def hold_out(ds, fraction: float, seed: int):
+def hold_out(ds, fraction: float, seed: int, source: str = "the data"):
     """(train, held-out) split of `ds`, the same on every host for a seed."""
     if not 0 < fraction < 1 or len(ds) < 2:
-        raise DataError(f"cannot hold out {fraction} of {len(ds)} rows")
+        raise DataError(f"{source}: cannot hold out {fraction:g} of {len(ds)} rows; holding out "
+                        "needs 2 or more rows and a fraction in (0, 1)")
     order = np.random.default_rng([seed, 0x5EED]).permutation(len(ds))
     n_held = min(max(1, round(fraction * len(ds))), len(ds) - 1)
     return ds.select(np.sort(order[n_held:])), ds.select(np.sort(order[:n_held]))
@@ -268,6 +269,6 @@ def train_and_eval(cfg, seed: int):
     if cfg.eval:
         return train_ds, load_rows(cfg.eval, cfg.eval_split), cfg.eval
     if cfg.eval_fraction > 0:
-        train_ds, eval_ds = hold_out(train_ds, cfg.eval_fraction, seed)
+        train_ds, eval_ds = hold_out(train_ds, cfg.eval_fraction, seed, cfg.train)
         return train_ds, eval_ds, f"{cfg.train} (held-out {cfg.eval_fraction:g})"
     return train_ds, None, ""
