@@ -149,10 +149,10 @@ CASES = [
      ["completion"]),
     ("generate: prompts file missing", lambda f, t: [
         "generate", "--model", f["policy"], "--prompts", str(t / "p.txt"), "--out",
-        str(t / "o.jsonl")], 2, ["p.txt", "does not exist"]),
+        str(t / "o.jsonl")], 1, ["p.txt", "does not exist"]),
     ("generate: malformed jsonl row", lambda f, t: [
         "generate", "--model", f["policy"], "--prompts", f["gen_bad_jsonl"], "--out",
-        str(t / "o.jsonl")], 2, ["line 2", "prompt"]),
+        str(t / "o.jsonl")], 1, ["line 2", "prompt"]),
 ]
 
 

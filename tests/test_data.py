@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rlhf_jax.data import DataConfig, DataError, load_preferences
+from rlhf_jax.data import DataConfig, DataError, load_preferences, sources
 from rlhf_jax.data.batching import BatchPlan
 from rlhf_jax.data.formats import split_common_prefix
 from rlhf_jax.world.tiny import train_tokenizer
@@ -87,6 +87,42 @@ def test_json_csv_parquet_and_save_to_disk_give_the_same_pairs(tmp_path, tok):
     assert sorted(ref.pairs.margin.tolist()) == sorted(float(i % 3) for i in range(12))
     train, held_out = load(tmp_path / "saved_dict", tok, eval=str(tmp_path / "saved_dict"))
     assert len(train) == 8 and len(held_out) == 4
+
+
+def test_csv_columns_are_the_text_written(tmp_path, tok):
+    # CSV has no types: "007" and "NA" stay text, a numeric column of answers stays text, and
+    # a margin written as text is read as the number (an empty field is no margin).
+    rows = [{"prompt": f"the cat {i}", "chosen": "007", "rejected": "NA" if i % 2 else str(i),
+             "margin": "" if i == 0 else "1.5"} for i in range(4)]
+    pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
+    read = sources.load_rows(str(tmp_path / "t.csv"))
+    assert read["chosen"] == ["007"] * 4 and read["rejected"] == ["0", "NA", "2", "NA"]
+    train, _ = load(tmp_path / "t.csv", tok)
+    assert sorted(train.pairs.margin.tolist()) == [0.0, 1.5, 1.5, 1.5]
+
+
+@pytest.mark.parametrize("name,content", [("h.csv", "prompt,chosen,rejected\n"),
+                                          ("e.json", "[]"), ("w.jsonl", "\n \n")])
+def test_a_file_without_rows_names_itself_and_the_fix(tmp_path, tok, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError) as e:
+        load(tmp_path / name, tok)
+    assert str(e.value).startswith(f"{tmp_path / name}: no rows (") and "; write " in str(e.value)
+
+
+def test_fewer_pairs_than_a_batch_or_a_ranking_bigger_than_one_names_the_file(tmp_path, tok):
+    path = write_jsonl(tmp_path / "few.jsonl", explicit_rows(3))
+    with pytest.raises(DataError) as e:
+        load(path, tok, batch_size=4)
+    assert str(e.value) == (f"{path}: 3 rows, none dropped; explicit format, 3 pairs: too few "
+                            "for one batch of batch_size=4; lower batch_size or add rows")
+    ranking = {"prompt": "a", "responses": [" x", " y", " z", " w"], "ranks": [1, 2, 3, 4]}
+    path = write_jsonl(tmp_path / "rank.jsonl", [ranking] * 4)
+    with pytest.raises(DataError, match=f"^{path}: a group of 6 items .* does not fit in a batch "
+                                        "of 4; raise the batch size"):
+        load(path, tok, batch_size=4)
+    with pytest.raises(DataError, match=f"^{path}: cannot hold out 0.5 of 1 rows"):
+        load(write_jsonl(path, [ranking]), tok, eval_fraction=0.5)
 
 
 def test_implicit_prompt_split_at_turn_or_word_boundary():
