@@ -150,7 +150,11 @@ def _from_files(source: str, files: list[str]):
 
     builder = _builder(source, files)
     for f in files:
-        if not _has_text(f):
+        try:
+            empty = not _has_text(f)
+        except OSError as e:
+            raise DataError(f"{f}: cannot be read ({e.strerror})") from None
+        if empty:
             raise DataError(f"{f}: no rows (the file is empty or holds only blank lines); "
                             f"{FIX[builder]}")
     try:
@@ -216,7 +220,9 @@ def load_rows(source: str, split: str = "train"):
         or cannot be read.
     """
     path = os.path.expanduser(source)
-    files = sorted(glob.glob(path)) if glob.has_magic(path) else []
+    files = []
+    if glob.has_magic(path):
+        files = sorted(f for f in glob.glob(path) if os.path.isfile(f))
     with _quiet():
         if os.path.isdir(path):
             ds = _from_dir(path, split)
