@@ -4,6 +4,13 @@
     ids, mask = tokenize_prompts(tokenizer, ["Once upon a time"], sampling_cfg, max_positions)
     rollout = generate(params, ids, mask, jax.random.key(0))   # Rollout of [B, R] arrays
 
+What is here, in order: `SamplingConfig`; the token pickers (top-k / top-p filters, the
+sampled and greedy pick); the jitted rollout (`generate`: `_prefill`, then `_decode_step`
+in a while loop, each step ending in `_sample`) and `make_generate_fn`, which closes over
+the model and, on CPU, has the decode steps read column panels (rlhf_jax/models/panels.py);
+and the host side that turns prompt strings into bucketed, padded id arrays. The
+`rlhf-jax generate` command around it is rlhf_jax/tools/generate.py.
+
 Shapes: B rows, P prompt width (padded, bucketed), R = max_new_tokens, V vocabulary,
 S = P + R cache slots.
 
@@ -255,6 +262,59 @@ def unrolled(model: nn.Module, params: Any) -> tuple[nn.Module, Any]:
     return model.clone(cfg=model.cfg.replace(scan_layers=False)), {**params, "model": trunk}
 
 
+def _sample(loop: _Loop, *, rng: jax.Array, cfg: SamplingConfig, stop_ids: jax.Array,
+            pad_id: int) -> _Loop:
+    """Picks the token at `loop.step` from `loop.logits` and records it; rows already done
+    get `pad_id` and log-prob 0. A row is done once it has drawn one of `stop_ids`."""
+    token, logp = pick_token(loop.logits, jax.random.fold_in(rng, loop.step), cfg)
+    live = ~loop.done
+    token = jnp.where(live, token, pad_id)
+    logp = jnp.where(live, logp, 0.0)
+    col = (0, loop.step)
+    return loop.replace(
+        step=loop.step + 1,
+        last=token,
+        done=loop.done | (live & jnp.any(token[:, None] == stop_ids[None, :], axis=1)),
+        lengths=loop.lengths + live.astype(jnp.int32),
+        tokens=jax.lax.dynamic_update_slice(loop.tokens, token[:, None], col),
+        logprobs=jax.lax.dynamic_update_slice(loop.logprobs, logp[:, None], col),
+    )
+
+
+def _prefill(model: nn.Module, params: Any, head: jax.Array, prompt_ids: jax.Array,
+             prompt_mask: jax.Array, r: int, pad_id: int) -> _Loop:
+    """The prompts' keys and values written into a cache of P + R slots, and the loop state
+    before the first token: logits at each row's last real prompt token, nothing sampled."""
+    b, p = prompt_ids.shape
+    cache = init_cache(model.cfg, b, p + r)
+    hidden, cache = model.apply({"params": params}, prompt_ids, prompt_mask, cache,
+                                method=_trunk)
+    last = last_token_index(prompt_mask, p)
+    hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
+    logits = _project(hidden, head, jnp.dtype(model.cfg.dtype))[:, 0]
+    return _Loop(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        logits=logits,
+        last=jnp.full((b,), pad_id, jnp.int32),
+        done=jnp.zeros((b,), bool),
+        lengths=jnp.zeros((b,), jnp.int32),
+        tokens=jnp.full((b, r), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, r), jnp.float32),
+    )
+
+
+def _decode_step(loop: _Loop, *, model: nn.Module, variables: dict, head: jax.Array,
+                 head_panels: Optional[list], sample) -> _Loop:
+    """One cached step: feeds the last token (masked for rows that are done) and samples
+    the next one with `sample`. `variables` holds the params (and the "panels" collection
+    when decoding from panels; `head_panels` are then the LM head's)."""
+    live = (~loop.done).astype(jnp.int32)[:, None]
+    hidden, cache = model.apply(variables, loop.last[:, None], live, loop.cache, method=_trunk)
+    logits = _project(hidden, head, jnp.dtype(model.cfg.dtype), head_panels)[:, 0]
+    return sample(_constrain(loop.replace(logits=logits, cache=cache)))
+
+
 def generate(
     params: Any,
     prompt_ids: jax.Array,
@@ -279,72 +339,28 @@ def generate(
         prefill uses the kernels). `make_generate_fn` passes them on CPU.
       model, cfg, stop_ids, pad_id: static; close over them (see `make_generate_fn`).
     """
-    b, p = prompt_ids.shape
     r = cfg.max_new_tokens
-    stop_ids = jnp.asarray(stop_ids, jnp.int32)
+    sample = functools.partial(_sample, rng=rng, cfg=cfg,
+                               stop_ids=jnp.asarray(stop_ids, jnp.int32), pad_id=pad_id)
     model, params = unrolled(model, params)
-    variables = {"params": params}
     head = _lm_head(model, params)
-    head_panels = None
-    decode_variables = variables
+    variables, head_panels = {"params": params}, None
     if panels is not None:
+        variables = {**variables, "panels": {"model": panels["model"]}}
         head_panels = panels["lm_head"]["kernel"]
-        decode_variables = {**variables, "panels": {"model": panels["model"]}}
-
-    def is_stop(token):  # [B] -> [B] bool
-        return jnp.any(token[:, None] == stop_ids[None, :], axis=1)
-
-    def sample(loop: _Loop) -> _Loop:
-        """Picks the token at `loop.step` from `loop.logits` and records it."""
-        token, logp = pick_token(loop.logits, jax.random.fold_in(rng, loop.step), cfg)
-        live = ~loop.done
-        token = jnp.where(live, token, pad_id)
-        logp = jnp.where(live, logp, 0.0)
-        col = (0, loop.step)
-        return loop.replace(
-            step=loop.step + 1,
-            last=token,
-            done=loop.done | (live & is_stop(token)),
-            lengths=loop.lengths + live.astype(jnp.int32),
-            tokens=jax.lax.dynamic_update_slice(loop.tokens, token[:, None], col),
-            logprobs=jax.lax.dynamic_update_slice(loop.logprobs, logp[:, None], col),
-        )
-
-    def decode(loop: _Loop) -> _Loop:
-        """Feeds the last token (masked for rows that are done) and samples the next one."""
-        live = (~loop.done).astype(jnp.int32)[:, None]
-        hidden, cache = model.apply(decode_variables, loop.last[:, None], live, loop.cache,
-                                    method=_trunk)
-        logits = _project(hidden, head, jnp.dtype(model.cfg.dtype), head_panels)[:, 0]
-        return sample(_constrain(loop.replace(logits=logits, cache=cache)))
+    step = functools.partial(_decode_step, model=model, variables=variables, head=head,
+                             head_panels=head_panels, sample=sample)
 
     def running(loop: _Loop):
         return (loop.step < r) & ~jnp.all(loop.done)
 
-    # Prefill: the prompt into the cache; logits only at each row's last real token.
-    cache = init_cache(model.cfg, b, p + r)
-    hidden, cache = model.apply(variables, prompt_ids, prompt_mask, cache, method=_trunk)
-    last = last_token_index(prompt_mask, p)
-    hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
-    logits = _project(hidden, head, jnp.dtype(model.cfg.dtype))[:, 0]
-    loop = _Loop(
-        step=jnp.zeros((), jnp.int32),
-        cache=cache,
-        logits=logits,
-        last=jnp.full((b,), pad_id, jnp.int32),
-        done=jnp.zeros((b,), bool),
-        lengths=jnp.zeros((b,), jnp.int32),
-        tokens=jnp.full((b, r), pad_id, jnp.int32),
-        logprobs=jnp.zeros((b, r), jnp.float32),
-    )
-    loop = sample(_constrain(loop))
-    loop = jax.lax.while_loop(running, decode, loop)
-    response_mask = (jnp.arange(r)[None, :] < loop.lengths[:, None]).astype(jnp.int32)
+    loop = sample(_constrain(_prefill(model, params, head, prompt_ids, prompt_mask, r, pad_id)))
+    loop = jax.lax.while_loop(running, step, loop)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         tokens=loop.tokens,
-        response_mask=response_mask,
+        response_mask=(jnp.arange(r)[None, :] < loop.lengths[:, None]).astype(jnp.int32),
         logprobs=loop.logprobs,
         lengths=loop.lengths,
         ended_with_stop=loop.done,
