@@ -5,7 +5,13 @@
     logits = model.apply({"params": params}, input_ids, attention_mask)   # [B, T, V]
 """
 
-from rlhf_jax.models.config import Family, RopeScaling, TransformerConfig, flops_per_token
+from rlhf_jax.models.config import (
+    Family,
+    RopeScaling,
+    TransformerConfig,
+    dtype_warning,
+    flops_per_token,
+)
 from rlhf_jax.models.hf import (
     HEADS,
     abstract_params,
@@ -28,7 +34,7 @@ from rlhf_jax.models.transformer import (
 
 __all__ = [
     "CausalLM", "CausalLMWithValueHead", "Family", "HEADS", "KVCache", "RewardModel",
-    "RopeScaling", "TransformerConfig", "abstract_params", "flops_per_token", "head_of",
-    "init_cache", "init_model", "last_token_index", "load_hf", "load_tokenizer", "make_model",
-    "position_ids", "save_hf",
+    "RopeScaling", "TransformerConfig", "abstract_params", "dtype_warning", "flops_per_token",
+    "head_of", "init_cache", "init_model", "last_token_index", "load_hf", "load_tokenizer",
+    "make_model", "position_ids", "save_hf",
 ]

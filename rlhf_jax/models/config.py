@@ -140,6 +140,20 @@ class TransformerConfig:
         return dataclasses.replace(self, **kw)
 
 
+def dtype_warning(dtype: str, backend: str) -> Optional[str]:
+    """The one-line warning for computing in `dtype` on `backend` (`jax.default_backend()`),
+    or None when there is nothing to say.
+
+    bfloat16 pays on GPUs and TPUs, whose matrix units run it natively; XLA's CPU backend
+    computes it through conversions, and our PPO iteration ran 1.7x slower in bfloat16 than
+    in float32 on the 2-core CPU of benchmarks/README.md. Commands print the warning and go on.
+    """
+    if dtype == "bfloat16" and backend == "cpu":
+        return ("dtype bfloat16 on the CPU runs slower than float32 (XLA:CPU converts it: a PPO "
+                "iteration took 1.7x as long); use float32 on the CPU, bfloat16 on a GPU or TPU")
+    return None
+
+
 def _first(d: Mapping[str, Any], *keys, default=None):
     for k in keys:
         if d.get(k) is not None:
