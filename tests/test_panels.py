@@ -1,4 +1,5 @@
-"""Column panels (rlhf_jax/models/panels.py): the CPU decode layout gives the same rollouts."""
+"""Column panels (rlhf_jax/models/panels.py): the CPU decode layout gives the same rollouts, and
+the rule that decides where it is used (`panels_pay`)."""
 
 import jax
 import ml_dtypes
@@ -108,3 +109,53 @@ def test_panels_are_cut_once_per_params_and_only_where_they_apply(monkeypatch):
     traced = jax.jit(lambda p: fn(p, ids, mask, jax.random.key(0)).tokens)(params)
     np.testing.assert_array_equal(traced, ref.tokens)
     assert len(cuts) == before
+
+
+# --- the rule: panels where their longer compile is paid back (panels.panels_pay).
+
+QWEN2_05B = models.TransformerConfig(  # Qwen2-0.5B's shape
+    family="qwen2", num_layers=24, hidden_size=896, num_heads=14, num_kv_heads=2,
+    intermediate_size=4864, vocab_size=151936, qkv_bias=True, tie_word_embeddings=True)
+BASE = models.TransformerConfig(  # the base benchmark model (benchmarks/common.py)
+    family="gpt2", num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072,
+    vocab_size=8192, qkv_bias=True, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_panel_count_is_the_number_of_panels_cut(family):
+    cfg = _config(family)
+    _, params = models.init_model(cfg, seed=3)
+    assert panels.panel_count(cfg) == len(jax.tree.leaves(decode_panels(cfg, params)))
+
+
+def test_the_rule_keeps_panels_for_small_models_that_decode_many_batches():
+    # By hand: base 12 × (3·12 + 12 + 48 + 12) + 8192/64; Qwen2-0.5B 24 × (14 + 2·2 + 14 +
+    # 2·76 + 14) + 151936/64.
+    assert panels.panel_count(BASE) == 12 * 108 + 128 == 1424
+    assert panels.panel_count(QWEN2_05B) == 24 * 198 + 2374 == 7126
+    small = _config("qwen2")
+    assert panels.panels_pay(small) and panels.panels_pay(BASE)
+    assert not panels.panels_pay(QWEN2_05B)  # its first call: +67 s of compile for 0.27 s a call
+    assert not panels.panels_pay(QWEN2_05B, calls=10_000)
+    assert not panels.panels_pay(BASE, calls=panels.MIN_CALLS - 1)
+    assert panels.panels_pay(BASE, calls=panels.MIN_CALLS)
+
+
+def test_make_generate_fn_follows_the_rule_and_the_tokens_stay_the_same(monkeypatch):
+    cfg = _config("qwen2")
+    model, params = models.init_model(cfg, seed=3)
+    params = jax.tree.map(lambda x: x * 3.0, params)
+    cuts = []
+    monkeypatch.setattr(panels, "decode_panels", lambda *a: cuts.append(1) or decode_panels(*a))
+    ids, mask = padded_batch((7, 3, 5, 1), 8, vocab=131)
+    sampling = gen.SamplingConfig(max_new_tokens=8, temperature=1.0, stop_at_eos=False)
+    outs = []
+    for max_panels, cut in ((panels.MAX_PANELS, 1), (panels.panel_count(cfg) - 1, 0)):
+        monkeypatch.setattr(panels, "MAX_PANELS", max_panels)
+        before = len(cuts)
+        outs.append(jax.device_get(gen.make_generate_fn(model, sampling)(
+            params, ids, mask, jax.random.key(2))))
+        assert len(cuts) - before == cut  # panels cut (and used) only where the rule says so
+    np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+    np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
+    assert len(np.unique(outs[0].tokens)) > 8

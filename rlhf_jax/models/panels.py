@@ -14,6 +14,12 @@ without copying on CPU). The model reads them from the "panels" variable collect
 (`transformer._matmul`); `rlhf_jax.models.sampling.make_generate_fn` passes them to its decode
 loop when the params live on CPU, on one device or replicated over several (placed like the
 params). Prefill and training keep the plain kernels.
+
+Each panel is one more dot for XLA to compile, so they pay only for models with few of them:
+`panels_pay` is the rule `make_generate_fn` follows by default (at most MAX_PANELS panels,
+which keeps them for the base benchmark model and leaves a 0.5B model with a 152k vocabulary
+without them). Here: the cut (`column_panels`, `decode_panels`), the rule (`panel_count`,
+`panels_pay`), and the placement and per-params cache (`cpu_decode_panels`, `PanelCache`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import numpy as np
 from rlhf_jax.models.config import Family, TransformerConfig
 
 PANEL_WIDTH = 64  # columns per panel: 32 and 128 measured slower on CPU
+MAX_PANELS = 2048  # `panels_pay`: above this many, the compile time is not paid back
+MIN_CALLS = 8  # `panels_pay`: fewer calls of one program do not pay back its longer compile
 _ALIGN = 64  # bytes; a less aligned host buffer is copied by `jax.device_put`
 _PANELS_PER_TASK = 16
 
@@ -71,6 +79,59 @@ def column_panels(kernels: Sequence[np.ndarray], dtype, width: int = PANEL_WIDTH
             for layer in range(n_layers)]
 
 
+def _layer_matmuls(cfg: TransformerConfig) -> list[tuple[tuple[str, ...], list[str]]]:
+    """(where in a layer the panels go, the kernels whose stacked columns it multiplies by),
+    as `transformer._fused_dense` stacks them: fused q/k/v (or q and k/v), o, the MLP."""
+    if cfg.num_kv_heads == cfg.num_heads:
+        spec = [(("attn", "qkv"), ["q", "k", "v"])]
+    else:
+        spec = [(("attn", "q"), ["q"]), (("attn", "kv"), ["k", "v"])]
+    spec.append((("attn", "o", "kernel"), ["o"]))
+    if cfg.family == Family.GPT2:
+        spec.append((("mlp", "fc", "kernel"), ["fc"]))
+    else:
+        spec.append((("mlp", "gate_up"), ["gate", "up"]))
+    spec.append((("mlp", "down", "kernel"), ["down"]))
+    return spec
+
+
+def _kernel_width(cfg: TransformerConfig, name: str) -> int:
+    """N of a layer's [K, N] kernel `name`."""
+    return {"q": cfg.num_heads * cfg.head_dim, "k": cfg.num_kv_heads * cfg.head_dim,
+            "v": cfg.num_kv_heads * cfg.head_dim, "o": cfg.hidden_size,
+            "fc": cfg.intermediate_size, "gate": cfg.intermediate_size,
+            "up": cfg.intermediate_size, "down": cfg.hidden_size}[name]
+
+
+def panel_count(cfg: TransformerConfig, width: int = PANEL_WIDTH) -> int:
+    """How many column panels `decode_panels` cuts for `cfg`: every one is a dot of its own
+    in the compiled decode step."""
+    per_layer = sum(-(-_kernel_width(cfg, name) // width)
+                    for _, names in _layer_matmuls(cfg) for name in names)
+    return cfg.num_layers * per_layer + -(-cfg.vocab_size // width)
+
+
+def panels_pay(cfg: TransformerConfig, calls: Optional[int] = None) -> bool:
+    """Whether decoding `cfg` from column panels pays for its longer compile: when the model
+    has at most MAX_PANELS panels (`panel_count`) and, where the caller knows how many calls
+    the compiled program will serve (`rlhf-jax generate`: its batches), at least MIN_CALLS.
+    `make_generate_fn` asks it by default, without `calls` (a training loop calls it once per
+    iteration, hundreds of times).
+
+    Every panel is a dot of its own in the compiled decode step, and XLA:CPU's compile time
+    grows faster than their number (a matrix cut into thousands of panels, as a large
+    vocabulary's LM head is, costs most), while the gain is a share of every decode step.
+    Measured on the 2-core CPU of benchmarks/README.md (compile CPU seconds, steady calls):
+    the base benchmark model (12 layers, width 768, vocabulary 8 192: 1 424 panels)
+    compiles 2.9 s longer and runs a call of 16 rows × 64 tokens ~0.5 s faster, paid back
+    after 6–8 calls; a Qwen2-0.5B-shaped model (24 layers, width 896, vocabulary 151 936:
+    7 126 panels, 2 374 of them the LM head's) compiles 67 s longer for 0.27 s a call of
+    8 rows × 32 tokens, ~250 calls. So: panels for models of the base model's size and
+    vocabulary that decode many batches, not beyond.
+    """
+    return panel_count(cfg) <= MAX_PANELS and (calls is None or calls >= MIN_CALLS)
+
+
 def decode_panels(cfg: TransformerConfig, params: Any, width: int = PANEL_WIDTH) -> dict:
     """The "panels" collection of a decode step: every matmul kernel as `column_panels`.
 
@@ -96,22 +157,10 @@ def decode_panels(cfg: TransformerConfig, params: Any, width: int = PANEL_WIDTH)
             return list(get(trunk["layers"]))
         return [get(trunk[f"layers_{i}"]) for i in range(cfg.num_layers)]
 
-    # (where in a layer, the kernels whose stacked columns it multiplies by)
-    if cfg.num_kv_heads == cfg.num_heads:
-        spec = [(("attn", "qkv"), ["q", "k", "v"])]
-    else:
-        spec = [(("attn", "q"), ["q"]), (("attn", "kv"), ["k", "v"])]
-    spec.append((("attn", "o", "kernel"), ["o"]))
-    if cfg.family == Family.GPT2:
-        spec.append((("mlp", "fc", "kernel"), ["fc"]))
-    else:
-        spec.append((("mlp", "gate_up"), ["gate", "up"]))
-    spec.append((("mlp", "down", "kernel"), ["down"]))
-
     dtype = jnp.dtype(cfg.dtype)
     layers = [{} for _ in range(cfg.num_layers)]
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        for path, names in spec:
+        for path, names in _layer_matmuls(cfg):
             per_name = [column_panels(kernels(path[0], name), dtype, width, pool)
                         for name in names]
             for layer, panels in zip(layers, zip(*per_name)):

@@ -7,7 +7,7 @@
 What is here, in order: `SamplingConfig`; the token pickers (top-k / top-p filters, the
 sampled and greedy pick); the jitted rollout (`generate`: `_prefill`, then `_decode_step`
 in a while loop, each step ending in `_sample`) and `make_generate_fn`, which closes over
-the model and, on CPU, has the decode steps read column panels (rlhf_jax/models/panels.py);
+the model and decides whether the decode steps read column panels (rlhf_jax/models/panels.py);
 and the host side that turns prompt strings into bucketed, padded id arrays. The
 `rlhf-jax generate` command around it is rlhf_jax/tools/generate.py.
 
@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import check
-from rlhf_jax.models.panels import PanelCache
+from rlhf_jax.models.panels import PanelCache, panels_pay
 from rlhf_jax.models.transformer import KVCache, init_cache, last_token_index, panel_dot
 
 
@@ -336,7 +336,7 @@ def generate(
       rng: PRNG key; step t draws with `fold_in(rng, t)`. The same key gives the same rollout.
       panels: optional `decode_panels(model.cfg, params)`, placed like params: the decode
         steps multiply by these column panels instead of the kernels (faster on CPU; the
-        prefill uses the kernels). `make_generate_fn` passes them on CPU.
+        prefill uses the kernels). `make_generate_fn` passes them where they pay.
       model, cfg, stop_ids, pad_id: static; close over them (see `make_generate_fn`).
     """
     r = cfg.max_new_tokens
@@ -383,7 +383,7 @@ def make_generate_fn(
     *,
     eos_token_id: Optional[int] = None,
     pad_token_id: Optional[int] = None,
-    cpu_panels: bool = True,
+    cpu_panels: Optional[bool] = None,
 ):
     """`generate(params, prompt_ids, prompt_mask, rng) -> Rollout`, jit-compiled.
 
@@ -396,7 +396,8 @@ def make_generate_fn(
     column panels (rlhf_jax/models/panels.py): same tokens, decode steps ~27% shorter at
     91 M params (39 → 28 ms for 16 rows on 2 cores), for a host copy of the weights kept
     until the next params (cut once per params: 0.07 s at 91 M) and a longer first compile
-    (5 → 9 s there).
+    (+2.9 s there, +67 s for a Qwen2-0.5B shape). None (the default) leaves the choice to
+    `panels.panels_pay(model.cfg)`: on for models up to the base benchmark model's size.
     """
     pad = pad_token_id if pad_token_id is not None else model.cfg.pad_token_id
     fn = functools.partial(
@@ -404,7 +405,7 @@ def make_generate_fn(
         pad_id=int(pad or 0),
     )
     jitted = jax.jit(functools.wraps(generate)(fn))
-    if not cpu_panels:
+    if not (panels_pay(model.cfg) if cpu_panels is None else cpu_panels):
         return jitted
     panels_for = PanelCache(model.cfg)
 
