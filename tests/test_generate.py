@@ -1,9 +1,6 @@
-"""The rollout engine: parity with transformers, log-probs, filters, stopping, buckets, sharding, CLI."""
+"""The rollout engine: parity with transformers, log-probs, filters, stopping, buckets, sharding.
 
-import json
-import os
-import subprocess
-import sys
+The `rlhf-jax generate` command is tested in tests/test_tools_generate.py."""
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +11,9 @@ from scipy import stats
 
 from conftest import FAMILIES, padded_batch
 from rlhf_jax.models import sampling as gen
-from rlhf_jax.tools import generate as generate_cli
 from rlhf_jax import models
 from rlhf_jax import sharding as shd
-from rlhf_jax.world.tiny import tiny_config, train_tokenizer
+from rlhf_jax.world.tiny import tiny_config
 
 R = 10
 
@@ -243,153 +239,3 @@ def test_prompt_helpers_bucket_truncate_and_explain():
     assert gen.encode_prompts(Tok(), ["abcdef"], cfg, 8, truncate=True) == [[99, 100, 101, 102]]
     with pytest.raises(ValueError, match=r"prompt 2 has 6 tokens .* leave 4; .*--truncate"):
         gen.encode_prompts(Tok(), ["ab", "abcdef"], cfg, 8)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_lm"))
-    texts = ["the cat sat on the mat", "hello world", "a quick brown fox jumps"] * 20
-    tokenizer = train_tokenizer(texts, 300)
-    model, params = models.init_model(tiny_config("gpt2", vocab_size=300))
-    models.save_hf(path, model, params, tokenizer=tokenizer)
-    return path
-
-
-def test_cli_writes_completions(tiny_model_dir, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n"
-                               for p in ["the cat", "hello", "a quick brown fox"]))
-    out = tmp_path / "out" / "completions.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.cli", "generate", "--model", tiny_model_dir,
-         "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "12",
-         "--batch-size", "2", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""},
-    )
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["prompt"] for r in rows] == ["the cat", "hello", "a quick brown fox"]
-    for r in rows:
-        assert set(r) == {"prompt", "completion", "num_tokens", "stopped"}
-        assert 1 <= r["num_tokens"] <= 12 and (r["stopped"] or r["num_tokens"] == 12)
-    assert any(r["completion"] for r in rows)
-    assert "tokens/s" in proc.stdout
-
-
-def test_cli_second_run_loads_its_programs_from_the_compilation_cache(tiny_model_dir, tmp_path):
-    """`rlhf-jax` keeps compiled programs in RLHF_JAX_COMPILE_CACHE: a rerun of the same
-    command loads the generate program from it (jax logs the hit), adds no entry and writes
-    the same output."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("the cat\nhello world\n")
-    cache = tmp_path / "xla"
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env.update({"XLA_FLAGS": "", "RLHF_JAX_COMPILE_CACHE": str(cache),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_LOG_COMPILES": "1"})
-    outputs, entries, hits = [], [], []
-    for run in range(2):
-        out = tmp_path / f"out{run}.jsonl"
-        proc = subprocess.run(
-            [sys.executable, "-m", "rlhf_jax.cli", "generate", "--model", tiny_model_dir,
-             "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "6", "--seed", "3"],
-            capture_output=True, text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr
-        outputs.append(out.read_text())
-        entries.append(sorted(os.listdir(cache)))
-        hits.append("Persistent compilation cache hit for 'jit_generate'" in proc.stderr)
-    assert hits == [False, True]
-    assert any("generate" in name for name in entries[0])
-    assert entries[1] == entries[0]
-    assert outputs[1] == outputs[0] and outputs[0]
-
-
-def _cli_args(model_dir, prompts, out):
-    return ["--model", model_dir, "--prompts", str(prompts), "--out", str(out),
-            "--max-new-tokens", "5", "--batch-size", "2", "--seed", "4"]
-
-
-def test_cli_resumes_from_the_batches_an_interrupted_run_saved(tiny_model_dir, tmp_path,
-                                                              monkeypatch, capsys):
-    prompts = ["the cat", "hello", "a quick brown fox", "the mat", "hello world"]
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(prompts) + "\n")
-    out = tmp_path / "out.jsonl"
-    partial = tmp_path / "out.jsonl.partial"
-    make = gen.make_generate_fn
-    calls = []
-
-    def counting(stop_after):
-        def make_fn(*a, **k):
-            fn = make(*a, **k)
-
-            def run(*args):
-                if len(calls) == stop_after:
-                    raise KeyboardInterrupt  # Ctrl-C during the next batch
-                calls.append(args[1].shape)
-                return fn(*args)
-            return run
-        return make_fn
-
-    monkeypatch.setattr(generate_cli, "make_generate_fn", counting(stop_after=1))
-    with pytest.raises(KeyboardInterrupt):
-        generate_cli.cli(_cli_args(tiny_model_dir, path, out))
-    assert not out.exists()
-    header, *saved = [json.loads(line) for line in partial.read_text().splitlines()]
-    assert header["settings"]["seed"] == 4 and header["settings"]["max_new_tokens"] == 5
-    assert len(saved) == 2 and all(prompts[r["index"]] == r["prompt"] for r in saved)
-    with open(partial, "a") as f:
-        f.write('{"index": 4, "prompt": "hel')  # a line cut short by the kill
-
-    calls.clear()
-    monkeypatch.setattr(generate_cli, "make_generate_fn", counting(stop_after=-1))
-    assert generate_cli.cli(_cli_args(tiny_model_dir, path, out)) == 0
-    assert "resuming: 2 of 5 completions" in capsys.readouterr().err
-    assert len(calls) == 2  # the 3 prompts left, in batches of 2
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["prompt"] for r in rows] == prompts
-    for r in saved:  # kept as saved, not sampled again
-        assert rows[r.pop("index")] == r
-    assert not partial.exists()
-
-
-@pytest.mark.parametrize("content,extra,expected", [
-    ('{"index": 0, "prompt": "something else", "completion": ""}\n', [],
-     "completions of other prompts"),
-    ('{"index": 0, "prompt": "the cat"}\nnot json\n{"index": 1, "prompt": "hello"}\n', [],
-     "line 3 is not a saved completion"),
-    ('{"index": 0, "prompt": "the cat"}\n', ["--seed", "5", "--temperature", "0.5"],
-     "other settings (seed, temperature)"),
-    (None, [], "is not a partial output"),
-])
-def test_cli_refuses_a_partial_file_it_cannot_resume_from(tiny_model_dir, tmp_path, capsys,
-                                                         content, extra, expected):
-    path = tmp_path / "prompts.txt"
-    path.write_text("the cat\nhello\n")
-    out = tmp_path / "out.jsonl"
-    partial = tmp_path / "out.jsonl.partial"
-    settings = generate_cli._settings(generate_cli._parser().parse_args(_cli_args(tiny_model_dir, path, out)))
-    content = ('{"index": 0}\n' if content is None
-               else json.dumps({"settings": settings}) + "\n" + content)
-    partial.write_text(content)
-    assert generate_cli.cli(_cli_args(tiny_model_dir, path, out) + extra) == 2
-    err = capsys.readouterr().err.strip()
-    assert expected in err and "delete" in err and len(err.splitlines()) == 1
-    assert partial.read_text() == content and not out.exists()
-
-
-@pytest.mark.parametrize("content,expected", [
-    ('{"prompt": "hi"}\n{"text": "no prompt here"}\n', "line 2 has no string 'prompt' field"),
-    ("\n\n", "has no prompts"),
-    (None, "does not exist"),
-    ("hello " * 300 + "\n", "leave 244; shorten it"),
-])
-def test_cli_bad_input_is_one_line_not_a_traceback(tiny_model_dir, tmp_path, capsys,
-                                                    content, expected):
-    prompts = tmp_path / ("prompts.jsonl" if content and "{" in content else "prompts.txt")
-    if content is not None:
-        prompts.write_text(content)
-    rc = generate_cli.cli(["--model", tiny_model_dir, "--prompts", str(prompts),
-                  "--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "12"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2
-    assert expected in err and len(err.splitlines()) == 1 and "Traceback" not in err

@@ -1,8 +1,15 @@
 """`rlhf-jax generate`: sample completions for a file of prompts, with partial-file resume.
 
+This module holds the command only: its flags, the checks of its inputs, and the files it
+reads and writes. Sampling itself is `rlhf_jax.models.sampling` (the rollout engine).
+
 Finished batches are appended to OUT.partial as they come, under a first line that records
 the settings they depend on; a rerun with the same prompts and settings generates only the
 rest, and OUT is written atomically at the end.
+
+Bad input ends in one line on stderr: exit code 2 for a usage mistake (a flag, a reward model
+as --model), 1 for data or files that cannot be used (the prompts file, the model or
+tokenizer files, another run's partial file).
 """
 
 from __future__ import annotations
@@ -16,7 +23,12 @@ from typing import Sequence
 
 import jax
 
+from rlhf_jax.config import ConfigError
+from rlhf_jax.models import dtype_warning
+from rlhf_jax.models.panels import panels_pay
 from rlhf_jax.models.sampling import SamplingConfig, encode_prompts, make_generate_fn, pad_prompts
+
+PROG = "rlhf-jax generate"
 
 # ---------------------------------------------------------------------------------------------
 # `rlhf-jax generate`
@@ -53,12 +65,21 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (exit code 2) that points at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="rlhf-jax generate",
+    ap = _Parser(
+        prog=PROG,
         description="Sample completions for a file of prompts with a Hugging Face format model.",
     )
-    ap.add_argument("--model", required=True, help="model directory (config.json + safetensors)")
+    ap.add_argument("--model", required=True,
+                    help="causal LM directory (config.json + safetensors), e.g. an SFT or PPO "
+                         "export; a reward model (*ForSequenceClassification) is refused")
     ap.add_argument("--prompts", required=True,
                     help=".txt (one prompt per line) or .jsonl (a 'prompt' field per row)")
     ap.add_argument("--out", required=True, help="output .jsonl: prompt, completion, "
@@ -71,34 +92,88 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--truncate", action="store_true",
                     help="left-truncate prompts that leave no room for max-new-tokens "
                          "(default: stop with an error)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="prompts sampled together (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the same seed and settings give the same completions "
+                         "(default: %(default)s)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="compute dtype (default: %(default)s). bfloat16 is for GPU/TPU: on "
+                         "the CPU XLA runs it slower than float32, and the command warns")
     d = SamplingConfig()
-    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    ap.add_argument("--temperature", type=float, default=d.temperature)
-    ap.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    ap.add_argument("--top-p", type=float, default=d.top_p, help="1.0 = off")
-    ap.add_argument("--greedy", action="store_true")
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                    help="most tokens per completion (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=d.temperature,
+                    help="divides the logits before sampling (default: %(default)s)")
+    ap.add_argument("--top-k", type=int, default=d.top_k,
+                    help="sample among the k most likely tokens; 0 = off (default: %(default)s)")
+    ap.add_argument("--top-p", type=float, default=d.top_p,
+                    help="sample from the smallest set of most likely tokens whose probability "
+                         "reaches p; 1.0 = off (default: %(default)s)")
+    ap.add_argument("--greedy", action="store_true",
+                    help="take the most likely token instead of sampling")
     ap.add_argument("--stop-token-ids", type=int, nargs="*", default=[],
                     help="token ids that end a completion, besides EOS")
     ap.add_argument("--no-stop-at-eos", action="store_true", help="do not stop at EOS")
     ap.add_argument("--prompt-bucket", type=int, default=d.prompt_bucket,
-                    help="round prompt widths up to a multiple of this (0 = powers of two)")
+                    help="round prompt widths up to a multiple of this, so that few programs "
+                         "are compiled; 0 = powers of two (default: %(default)s)")
     return ap
 
 
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The flags; an unknown one is a usage error that names the closest known flag."""
+    import difflib
+
+    ap = _parser()
+    args, unknown = ap.parse_known_args(list(argv))
+    if unknown:
+        flags = [o for action in ap._actions for o in action.option_strings]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
+
+
+def _sampling_config(args) -> SamplingConfig:
+    """The flags' SamplingConfig; raises ConfigError naming the flag (not the config key)."""
+    if args.batch_size < 1:
+        raise ConfigError("batch_size", f"--batch-size {args.batch_size}: use 1 or more")
+    try:
+        return SamplingConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, greedy=args.greedy, stop_token_ids=tuple(args.stop_token_ids),
+            stop_at_eos=not args.no_stop_at_eos, prompt_bucket=args.prompt_bucket,
+        )
+    except ConfigError as e:
+        flag = "--" + e.key.replace("_", "-")
+        raise ConfigError(e.key, e.message.replace(f"config key '{e.key}' =", flag)) from None
+
+
+def _check_causal_lm(path: str) -> None:
+    """Raises ConfigError (a usage mistake) when `path` holds a sequence-classification model
+    (ours or transformers'): with tied embeddings it would load with an LM head and sample
+    from a trunk never trained to predict text. Files that cannot be read are left to the
+    loader, which reports them."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            archs = json.load(f).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    arch = str(archs[0]) if archs else ""
+    if arch.endswith("ForSequenceClassification"):
+        raise ConfigError("model", f"--model {path} is a reward model ({arch}): it scores text "
+                          "and cannot generate it; pass a causal LM (*ForCausalLM), such as the "
+                          "policy it scores or an SFT or PPO export")
+
+
 def _load(args):
-    """Validates the inputs and loads everything; raises OSError / ValueError with the fix."""
+    """Validates the inputs and loads everything. Raises ConfigError for a usage mistake,
+    OSError / ValueError with the fix for files that cannot be used."""
     from rlhf_jax import models
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: use 1 or more")
-    cfg = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, greedy=args.greedy, stop_token_ids=tuple(args.stop_token_ids),
-        stop_at_eos=not args.no_stop_at_eos, prompt_bucket=args.prompt_bucket,
-    )
+    cfg = _sampling_config(args)
+    _check_causal_lm(args.model)
     prompts = read_prompts(args.prompts)
     model, params = models.load_hf(args.model, head="lm", dtype=args.dtype)
     tokenizer = models.load_tokenizer(args.tokenizer or args.model)
@@ -166,29 +241,39 @@ def read_partial(path: str, prompts: Sequence[str], settings: dict) -> dict[int,
     return done
 
 
+def _fail(message, code: int) -> int:
+    print(" ".join(f"{PROG}: error: {message}".split()), file=sys.stderr)
+    return code
+
+
 def cli(argv: Sequence[str]) -> int:
     from tqdm import tqdm
 
-    args = _parser().parse_args(list(argv))
+    args = _parse(argv)
+    warning = dtype_warning(args.dtype, jax.default_backend())
+    if warning:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     partial = args.out + ".partial"
     try:
         cfg, prompts, rows, model, params, tokenizer = _load(args)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         settings = _settings(args)
         results = read_partial(partial, prompts, settings)
-    except (OSError, ValueError) as e:  # bad input: one line that says what to do
-        print(f"rlhf-jax generate: error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:  # a usage mistake
+        return _fail(e, 2)
+    except (OSError, ValueError) as e:  # data or files that cannot be used
+        return _fail(e, 1)
     if results:
         print(f"resuming: {len(results)} of {len(prompts)} completions already in {partial}",
               file=sys.stderr)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    run = make_generate_fn(model, cfg, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
     key = jax.random.key(args.seed)
     # Similar lengths together: less padding, fewer buckets. Written back in the input order.
     order = sorted((i for i in range(len(rows)) if i not in results), key=lambda i: len(rows[i]))
     new_tokens, start = 0, time.perf_counter()
     batches = range(0, len(order), args.batch_size)
+    run = make_generate_fn(model, cfg, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                           cpu_panels=panels_pay(model.cfg, calls=len(batches)))
     bar = tqdm(batches, desc="generate", unit="batch", file=sys.stderr)
     with open(partial, "a", encoding="utf-8") as saved:
         if saved.tell() == 0:  # a new file: first the settings its completions depend on
