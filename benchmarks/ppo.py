@@ -241,7 +241,7 @@ class Ours:
                                                   b2=0.999), iterations * PPO_EPOCHS * MINIBATCHES)
         self.engine = PPOEngine(policy, critic, reward_model, ppo_cfg, sampling, tx,
                                 eos_token_id=EOS, pad_token_id=PAD, seed=0)
-        self.state = self.engine.init_state({"policy": policy_params, "critic": critic_params}, tx)
+        self.state = self.engine.init_state({"policy": policy_params, "critic": critic_params})
         self.frozen = {"ref": jax.tree_util.tree_map(jnp.copy, policy_params),
                        "reward": reward_params}
         ids, mask = pad_prompts(prompts, 0, PAD)
@@ -254,7 +254,8 @@ class Ours:
                                                                 self.mask, it)
         total = time.perf_counter() - start
         assert int(rollout.num_steps) == NEW_TOKENS, int(rollout.num_steps)
-        row = {**{k: metrics[f"time/{k}"] for k in PHASES}, "iteration": total,
+        times = {**metrics, "time/score": metrics["time/score"] + metrics["time/advantages"]}
+        row = {**{k: times[f"time/{k}"] for k in PHASES}, "iteration": total,  # score: + GAE
                "response_length": metrics["env/response_length"]}
         log(f"  ours iteration {it}: " + ", ".join(f"{k} {row[k]:.3f} s"
                                                    for k in (*PHASES, "iteration")))

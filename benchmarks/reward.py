@@ -11,7 +11,7 @@ benchmarks/peers/trl_reward.py.
 Matched settings: 16 preference pairs per optimizer step, chosen and rejected each 64 random
 tokens (no padding), float32, one forward over the 32 sequences, Bradley–Terry loss,
 backward, gradient clipping at 1.0 and AdamW (β2 0.999), no gradient checkpointing on
-either side. rlhf_jax's step is `rm.compile_steps`' jitted `train_step` (state donated, the
+either side. rlhf_jax's step is the reward stage's jitted `train_step` (`compile_steps`) (state donated, the
 batch already on device); TRL's is its trainer's optimizer step, timed from `on_step_begin`
 to `on_step_end` (the batch already collated). The two take turns, one step each (TRL pauses
 in a callback meanwhile), so both see the same machine load. The first step (compilation for rlhf_jax,
@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 from rlhf_jax import models, perf  # noqa: E402
 from rlhf_jax.train import optim  # noqa: E402
 from rlhf_jax.stages import rm  # noqa: E402
+from rlhf_jax.train.supervised import compile_steps  # noqa: E402
 from rlhf_jax import sharding as shd  # noqa: E402
 from rlhf_jax.host_memory import freeze_live_objects  # noqa: E402
 from rlhf_jax.train.optim import OptimizerConfig  # noqa: E402
@@ -64,7 +65,8 @@ def make_pairs(vocab_size: int, steps: int, seed: int = 0) -> list[dict]:
 
 
 class Ours:
-    """rlhf_jax's reward-model step (`rm.compile_steps`) on the saved model, one per call."""
+    """rlhf_jax's reward-model step (as the rm stage compiles it) on the saved model, one per
+    call."""
 
     def __init__(self, path: str, pairs: list[dict], steps: int, dtype: str = "float32"):
         model, params = models.load_hf(path, head="reward", scan_layers=False,  # faster on CPU
@@ -73,9 +75,10 @@ class Ours:
         tx = optim.make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, b2=0.999,
                                                   max_grad_norm=1.0), steps)
         cfg = rm.RMConfig(batch_size=PAIRS, margin_scale=0.0)
-        self.state, shardings = rm.create_state(model, params, tx, self.mesh)
+        self.state, shardings = optim.sharded_state(models.abstract_params(model), params, tx,
+                                                    self.mesh)
         del params
-        self.train_fn, _ = rm.compile_steps(cfg, model, tx, self.mesh, shardings)
+        self.train_fn, _ = compile_steps(rm.STAGE, cfg, model, tx, self.mesh, shardings)
         self.batches = []
         for s in range(steps):
             rows = pairs[s * PAIRS:(s + 1) * PAIRS]
@@ -83,7 +86,7 @@ class Ours:
                            np.int32)
             batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
                      "margin": np.zeros(PAIRS, np.float32), "weight": np.ones(PAIRS, np.float32)}
-            self.batches.append(jax.device_put(batch, rm.batch_shardings(self.mesh)))
+            self.batches.append(jax.device_put(batch, rm.batch_shardings(cfg, self.mesh)))
         jax.block_until_ready((self.state, self.batches))
 
     def __call__(self, s: int) -> dict:

@@ -204,7 +204,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         if "=" not in item or item.startswith("="):
             raise ConfigError(item, f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(key.strip(), f"override {item!r}: the value is not valid YAML; "
+                                           f"quote it, e.g. {key.strip()}='{raw}'") from None
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-4 as a string
         node = out
@@ -393,7 +397,7 @@ def option_error(argv: Sequence[str], cls) -> Optional[str]:
 
 
 def _option_line(cls, name: str, value: Optional[str]) -> str:
-    start = "rlhf-jax takes config keys as key=value, not options"
+    start = "config keys are set as key=value, not as options"
     types_ = key_types(cls)
     key = name if name in types_ else suggest_key(cls, name)
     if key is None:

@@ -95,6 +95,13 @@ def matmul_flops_per_s(m: int, k: int, n: int, dtype=jnp.float32, repeats: int =
     return inner * flops / median(times)
 
 
+def mfu_ceiling_flops_per_s(repeats: int = 5) -> float:
+    """The MFU ceiling of a training run: the measured rate of a 1024³ matmul in float32 on
+    CPU, in bfloat16 on an accelerator (the dtypes their peak rates are quoted for)."""
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return matmul_flops_per_s(1024, 1024, 1024, dtype, repeats)
+
+
 def matmul_shapes(cfg: TransformerConfig, tokens: int) -> list[tuple[int, int, int]]:
     """The (m, k, n) of every distinct matmul of a forward over `tokens` tokens (m = tokens)."""
     d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size

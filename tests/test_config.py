@@ -180,7 +180,7 @@ def test_key_types_lists_sections_and_leaves():
 ])
 def test_options_are_answered_with_the_key_value_form(argv, line):
     error = config.option_error(argv, Stage)
-    assert error.startswith("rlhf-jax takes config keys as key=value, not options: "), error
+    assert error.startswith("config keys are set as key=value, not as options: "), error
     assert error.endswith(line) if "write" in line else line in error, error
 
 
@@ -192,3 +192,9 @@ def test_options_are_answered_with_the_key_value_form(argv, line):
 ])
 def test_command_lines_without_stray_options_pass(argv):
     assert config.option_error(argv, Stage) is None
+
+
+def test_an_override_that_is_not_yaml_says_to_quote_it():
+    with pytest.raises(ConfigError) as e:
+        config.parse_overrides(["data.train=[unclosed"])
+    assert e.value.key == "data.train" and "data.train='[unclosed'" in str(e.value)

@@ -48,6 +48,30 @@ def test_demo_cli_runs_every_stage(tmp_path):
         assert (out / path).exists(), path
     row = json.loads((out / "data" / "preferences.jsonl").read_text().splitlines()[0])
     assert set(row) == {"prompt", "chosen", "rejected"}
+    assert "\r" not in proc.stderr and "5/6 PPO: 2/2 iterations (100%)" in proc.stderr
+    for stage in ("sft", "rm", "ppo"):
+        events = os.listdir(out / "runs" / stage / "tensorboard")
+        assert len(events) == 1, (stage, events)
+
+
+def test_every_plot_names_its_axes(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from rlhf_jax.demo import report
+
+    runs = tmp_path / "runs"
+    (runs / "rm").mkdir(parents=True)
+    (runs / "ppo").mkdir()
+    (runs / "rm" / "metrics.jsonl").write_text(
+        '{"step": 1, "train/loss": 0.7, "train/accuracy": 0.5}\n'
+        '{"step": 2, "eval/loss": 0.6, "eval/accuracy": 0.6}\n')
+    (runs / "ppo" / "metrics.jsonl").write_text(
+        '{"step": 1, "env/score": 0.1, "env/gold": 0.2, "env/kl": 0.0}\n')
+    labels = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: labels.extend(
+        (ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes))
+    assert len(report.plots(str(tmp_path))) == 2
+    assert len(labels) == 5 and all(x and y for x, y in labels), labels
 
 
 def test_demo_rejects_unknown_option(tmp_path):

@@ -170,3 +170,15 @@ def test_rollout_logprobs_equal_the_scoring_forward():
         np.testing.assert_array_equal(out[True][k], out[False][k])
     with pytest.raises(ConfigError, match="rollout_logprobs"):
         ppo.PPOConfig(value_kind="shared", rollout_logprobs=True)
+
+
+def test_reward_clip_then_missing_eos_penalty_make_the_score():
+    """`reward_clip` bounds the RM score first, then a response cut at max length loses
+    `missing_eos_penalty` (the order TRL applies them in)."""
+    _, _, _, _, scored, _, stats, _ = experience_and_step("separate", reward_clip=0.02,
+                                                          missing_eos_penalty=0.5)
+    raw = np.asarray(scored["scores"], np.float64)
+    stopped = np.asarray(rollout().ended_with_stop)
+    assert (np.abs(raw) > 0.02).any() and not stopped.all() and stopped.any()
+    expected = np.clip(raw, -0.02, 0.02) - 0.5 * ~stopped
+    np.testing.assert_allclose(np.asarray(stats["score"]), expected, rtol=1e-6, atol=1e-7)

@@ -17,6 +17,7 @@ from conftest import padded_batch
 from rlhf_jax import config, models
 from rlhf_jax.train import optim
 from rlhf_jax.stages import rm
+from rlhf_jax.train.supervised import compile_steps
 from rlhf_jax import sharding as shd
 from rlhf_jax.world.tiny import tiny_config
 
@@ -89,9 +90,9 @@ def run_steps(mesh_shape, grad_accum=1, steps=4, family="llama"):
     model_cfg = tiny_config(family, vocab_size=128, scan_layers=False)  # compiles in half the time
     model, params = models.init_model(model_cfg, "reward", seed=0, mesh=mesh)
     tx = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-3), steps)
-    state, shardings = rm.create_state(model, params, tx, mesh)
+    state, shardings = optim.sharded_state(models.abstract_params(model), params, tx, mesh)
     cfg = rm.RMConfig(grad_accum=grad_accum, center_coef=0.01)
-    step, _ = rm.compile_steps(cfg, model, tx, mesh, shardings)
+    step, _ = compile_steps(rm.STAGE, cfg, model, tx, mesh, shardings)
     losses = []
     with shd.use_mesh(mesh):
         for k in range(steps):

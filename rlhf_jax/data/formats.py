@@ -27,7 +27,6 @@ import numpy as np
 from rlhf_jax.data.checks import (
     BadRow, BadRows, check_columns, check_messages, check_text, closest_layout,
 )
-from rlhf_jax.data.checks import DataError  # noqa: F401 - still imported from here elsewhere
 from rlhf_jax.data.config import Format
 from rlhf_jax.data.tokenize import render_conversation
 

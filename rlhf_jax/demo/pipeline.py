@@ -27,22 +27,21 @@ from typing import Callable, Optional
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from rlhf_jax import models
-from rlhf_jax.train import optim
-from rlhf_jax.rl import ppo
-from rlhf_jax.stages import ppo as ppo_loop, rm, sft
-from rlhf_jax.train.checkpoint import CheckpointConfig
 from rlhf_jax.config import ConfigError, check
-from rlhf_jax.data import DataConfig
 from rlhf_jax.data.prompts import PromptDataConfig
-from rlhf_jax.data.sft import SFTDataConfig
-from rlhf_jax.world import movies as world
+from rlhf_jax.demo.report import summary_lines, write_report
 from rlhf_jax.models.sampling import SamplingConfig, make_generate_fn, pad_prompts
-from rlhf_jax.train.logging import read_jsonl
+from rlhf_jax.rl import ppo as ppo_math
+from rlhf_jax.stages import ppo, rm, sft
+from rlhf_jax.train import optim
+from rlhf_jax.train.checkpoint import CheckpointConfig
+from rlhf_jax.train.model_source import ModelConfig
 from rlhf_jax.train.optim import OptimizerConfig
-from rlhf_jax.train.loop import ModelConfig
+from rlhf_jax.train.logging import read_jsonl
+from rlhf_jax.train.progress import progress
+from rlhf_jax.world import movies
 from rlhf_jax.world.tiny import tiny_config, train_tokenizer
 
 
@@ -129,20 +128,22 @@ def encode_documents(tokenizer, texts: list[str], seq_len: int) -> dict[str, np.
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss}
 
 
-def fit(model, params, data: dict, steps: int, lr: float, batch_size: int,
-        rng: np.random.Generator, desc: str) -> tuple[dict, list[float]]:
-    """`steps` of the SFT step on random batches of `data`; (params, loss per step)."""
+def pretrain(model, params, data: dict, steps: int, lr: float, batch_size: int,
+             rng: np.random.Generator, desc: str) -> tuple[dict, list[float]]:
+    """`steps` of the SFT step on batches drawn at random (with replacement) from `data`;
+    (params, loss per step). A corpus held in memory needs none of the trainer's files."""
     tx = optim.make_optimizer(OptimizerConfig(learning_rate=lr, schedule="cosine",
                                               warmup_steps=steps // 10, b2=0.99), steps)
     state = optim.create_state(params, tx)
     step = jax.jit(functools.partial(sft.train_step, model=model, tx=tx), donate_argnums=0)
     n, losses = len(data["input_ids"]), []
-    with tqdm(range(steps), desc=desc, unit="step") as bar:
-        for _ in bar:
+    with progress(steps, desc=desc) as bar:
+        for _ in range(steps):
             idx = rng.integers(0, n, batch_size)
             state, metrics = step(state, {k: v[idx] for k, v in data.items()})
             losses.append(float(metrics["loss"]))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update(1)
+            bar.set_postfix({"loss": losses[-1]})
     return jax.device_get(state.params), losses
 
 
@@ -196,7 +197,7 @@ class RewardScorer:
         return np.asarray(self.fn(self.params, ids, mask))
 
 
-# ----------------------------------------------------------------------------- stages
+# ----------------------------------------------------------------------------- measurements
 
 
 def collect_preferences(sampler: Sampler, params, prompts: list[str], cfg: DemoConfig,
@@ -210,16 +211,18 @@ def collect_preferences(sampler: Sampler, params, prompts: list[str], cfg: DemoC
     a = sampler(params, rows_in, seed=cfg.seed + 1)
     b = sampler(params, rows_in, seed=cfg.seed + 2)
     rows, agree, strict = [], 0, 0
-    for p, x, y in tqdm(list(zip(prompts, a, b)), desc="3/6 label preferences", unit="pair"):
-        if x.strip() == y.strip() or not x.strip() or not y.strip():
-            continue
-        first, _ = world.gold_preference(rng, p, x, y, cfg.label_temperature)
-        chosen, rejected = (x, y) if first else (y, x)
-        diff = world.gold_reward(p, chosen) - world.gold_reward(p, rejected)
-        if diff != 0:
-            strict += 1
-            agree += diff > 0
-        rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+    with progress(len(prompts), desc="3/6 label preferences", unit="pair") as bar:
+        for p, x, y in zip(prompts, a, b):
+            bar.update(1)
+            if x.strip() == y.strip() or not x.strip() or not y.strip():
+                continue
+            first, _ = movies.gold_preference(rng, p, x, y, cfg.label_temperature)
+            chosen, rejected = (x, y) if first else (y, x)
+            diff = movies.gold_reward(p, chosen) - movies.gold_reward(p, rejected)
+            if diff != 0:
+                strict += 1
+                agree += diff > 0
+            rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
@@ -233,8 +236,8 @@ def rm_accuracy_against_gold(scorer: RewardScorer, pairs: list[dict]) -> dict:
     prompts = [r["prompt"] for r in pairs]
     sc = scorer(prompts, [r["chosen"] for r in pairs])
     sr = scorer(prompts, [r["rejected"] for r in pairs])
-    gold = np.array([world.gold_reward(r["prompt"], r["chosen"])
-                     - world.gold_reward(r["prompt"], r["rejected"]) for r in pairs])
+    gold = np.array([movies.gold_reward(r["prompt"], r["chosen"])
+                     - movies.gold_reward(r["prompt"], r["rejected"]) for r in pairs])
     strict = gold != 0
     right = (sc > sr)[strict] == (gold > 0)[strict]
     return {"accuracy_vs_labels": float(np.mean(sc > sr)),
@@ -243,14 +246,14 @@ def rm_accuracy_against_gold(scorer: RewardScorer, pairs: list[dict]) -> dict:
             "held_out_pairs": int(len(pairs)), "gold_ties_left_out": int((~strict).sum())}
 
 
-def evaluate(sampler: Sampler, sft_params, ppo_params, prompts: list[str], seed: int,
+def compare_policies(sampler: Sampler, sft_params, ppo_params, prompts: list[str], seed: int,
              rm_scorer: Callable) -> dict:
     """Gold and RM rewards of both policies on the same prompts, and PPO's gold win rate."""
     rows = sampler.encode(prompts)
     before = sampler(sft_params, rows, seed)
     after = sampler(ppo_params, rows, seed)
-    g0 = np.array([world.gold_reward(p, r) for p, r in zip(prompts, before)])
-    g1 = np.array([world.gold_reward(p, r) for p, r in zip(prompts, after)])
+    g0 = np.array([movies.gold_reward(p, r) for p, r in zip(prompts, before)])
+    g1 = np.array([movies.gold_reward(p, r) for p, r in zip(prompts, after)])
     wins = np.mean((g1 > g0) + 0.5 * (g1 == g0))
     return {
         "sft_gold_mean": float(g0.mean()), "sft_gold_std": float(g0.std()),
@@ -263,129 +266,159 @@ def evaluate(sampler: Sampler, sft_params, ppo_params, prompts: list[str], seed:
     }
 
 
-def run(cfg: DemoConfig, out_dir: str, quiet_log: Callable[[str], None]) -> dict:
-    start = time.time()
-    rng = np.random.default_rng(cfg.seed)
-    dirs = {k: os.path.join(out_dir, "models", k) for k in ("base", "sft", "reward", "ppo")}
-    data_dir = os.path.join(out_dir, "data")
-    os.makedirs(data_dir, exist_ok=True)
-    times = {}
+# ----------------------------------------------------------------------------- the pipeline
 
-    # 1. tokenizer + pretraining
-    t = time.time()
-    docs = world.corpus(rng, cfg.pretrain_docs)
-    tokenizer = train_tokenizer(docs, cfg.vocab_size, os.path.join(out_dir, "tokenizer"))
-    vocab = -(-len(tokenizer) // 64) * 64
-    model_cfg = tiny_config("gpt2", vocab_size=vocab, hidden_size=cfg.hidden_size,
-                            num_layers=cfg.num_layers, intermediate_size=4 * cfg.hidden_size,
-                            max_position_embeddings=128)
-    model, params = models.init_model(model_cfg, seed=cfg.seed)
-    params, pre_losses = fit(model, params, encode_documents(tokenizer, docs, cfg.seq_len),
-                             cfg.pretrain_steps, cfg.learning_rate, cfg.batch_size, rng,
-                             "1/6 pretrain base LM")
-    models.save_hf(dirs["base"], model, params, tokenizer)
-    times["pretrain"] = time.time() - t
 
-    # 2. SFT through the sft trainer, on demonstrations written as a user's jsonl would be
-    t = time.time()
-    demos_path = os.path.join(data_dir, "demonstrations.jsonl")
-    with open(demos_path, "w", encoding="utf-8") as f:
-        for d in world.demonstrations(rng, cfg.sft_examples):
-            f.write(json.dumps(d) + "\n")
-    sft_cfg = sft.SFTConfig(
-        out_dir=os.path.join(out_dir, "runs", "sft"), seed=cfg.seed,
-        model=ModelConfig(path=dirs["base"]),
-        data=SFTDataConfig(train=demos_path, max_length=cfg.seq_len),
-        optim=OptimizerConfig(learning_rate=cfg.learning_rate / 3, schedule="cosine",
-                              warmup_steps=cfg.sft_steps // 10, b2=0.99),
-        batch_size=cfg.batch_size, steps=cfg.sft_steps, log_every=1,
-        checkpoint=CheckpointConfig(every=0, resume=False),
-    )
-    sft_result = sft.train(sft_cfg, log=quiet_log, progress_desc="2/6 SFT on demonstrations")
-    _move(sft_result["export"], dirs["sft"])
-    _, sft_params = models.load_hf(dirs["sft"])
-    sft_losses = [r["train/loss"] for r in read_jsonl(os.path.join(sft_cfg.out_dir,
+class Pipeline:
+    """The demo's six stages over one output directory; each stage keeps what the later ones
+    need (models, prompts, scorers) and its wall time in `times`."""
+
+    def __init__(self, cfg: DemoConfig, out_dir: str, log: Callable[[str], None]):
+        self.cfg, self.out_dir, self.log = cfg, out_dir, log
+        self.rng = np.random.default_rng(cfg.seed)
+        self.dirs = {k: os.path.join(out_dir, "models", k) for k in ("base", "sft", "reward",
+                                                                       "ppo")}
+        self.data_dir = os.path.join(out_dir, "data")
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.times: dict[str, float] = {}
+        self.summary: dict = {}
+
+    def timed(self, name: str, stage: Callable[[], None]) -> None:
+        start = time.time()
+        stage()
+        self.times[name] = time.time() - start
+
+    def pretrain(self) -> None:
+        """1. A byte-level BPE and a tiny GPT-2-shaped base model pretrained on the corpus."""
+        cfg = self.cfg
+        docs = movies.corpus(self.rng, cfg.pretrain_docs)
+        self.tokenizer = train_tokenizer(docs, cfg.vocab_size,
+                                         os.path.join(self.out_dir, "tokenizer"))
+        vocab = -(-len(self.tokenizer) // 64) * 64
+        model_cfg = tiny_config("gpt2", vocab_size=vocab, hidden_size=cfg.hidden_size,
+                                num_layers=cfg.num_layers, intermediate_size=4 * cfg.hidden_size,
+                                max_position_embeddings=128)
+        self.model, params = models.init_model(model_cfg, seed=cfg.seed)
+        params, losses = pretrain(self.model, params,
+                                  encode_documents(self.tokenizer, docs, cfg.seq_len),
+                                  cfg.pretrain_steps, cfg.learning_rate, cfg.batch_size, self.rng,
+                                  "1/6 pretrain base LM")
+        models.save_hf(self.dirs["base"], self.model, params, self.tokenizer)
+        self.summary.update(pretrain_loss_first=losses[0],
+                            pretrain_loss_last=float(np.mean(losses[-20:])))
+
+    def sft(self) -> None:
+        """2. SFT through the sft trainer, on demonstrations written as a user's jsonl would be."""
+        cfg = self.cfg
+        demos_path = os.path.join(self.data_dir, "demonstrations.jsonl")
+        with open(demos_path, "w", encoding="utf-8") as f:
+            for d in movies.demonstrations(self.rng, cfg.sft_examples):
+                f.write(json.dumps(d) + "\n")
+        sft_cfg = sft.SFTConfig(
+            out_dir=os.path.join(self.out_dir, "runs", "sft"), seed=cfg.seed,
+            model=ModelConfig(path=self.dirs["base"]),
+            data=sft.SFTStageDataConfig(train=demos_path, max_length=cfg.seq_len),
+            optim=OptimizerConfig(learning_rate=cfg.learning_rate / 3, schedule="cosine",
+                                  warmup_steps=cfg.sft_steps // 10, b2=0.99),
+            batch_size=cfg.batch_size, steps=cfg.sft_steps, log_every=1,
+            checkpoint=CheckpointConfig(every=0, resume=False),
+        )
+        result = sft.train(sft_cfg, log=self.log, progress_desc="2/6 SFT on demonstrations")
+        _move(result["export"], self.dirs["sft"])
+        _, self.sft_params = models.load_hf(self.dirs["sft"])
+        losses = [r["train/loss"] for r in read_jsonl(os.path.join(sft_cfg.out_dir,
                                                                    "metrics.jsonl"))
                   if "train/loss" in r]
-    times["sft"] = time.time() - t
+        self.summary.update(sft_loss_first=losses[0], sft_loss_last=float(np.mean(losses[-10:])))
 
-    # 3. preferences (and the prompt sets of PPO and evaluation)
-    t = time.time()
-    sampler = Sampler(model, tokenizer, cfg.max_new_tokens)
-    pref_prompts = world.prompts(rng, cfg.preference_prompts)
-    prefs = collect_preferences(sampler, sft_params, pref_prompts, cfg, rng,
-                                os.path.join(data_dir, "preferences.jsonl"))
-    with open(os.path.join(data_dir, "prompts.jsonl"), "w", encoding="utf-8") as f:
-        for p in world.prompts(rng, 512):
-            f.write(json.dumps({"prompt": p}) + "\n")
-    eval_prompts = world.prompts(np.random.default_rng(cfg.seed + 99), cfg.eval_prompts)
-    times["preferences"] = time.time() - t
+    def preferences(self) -> None:
+        """3. Preferences labelled by the noisy gold judge (and the prompt sets of PPO and
+        evaluation)."""
+        cfg = self.cfg
+        self.sampler = Sampler(self.model, self.tokenizer, cfg.max_new_tokens)
+        pref_prompts = movies.prompts(self.rng, cfg.preference_prompts)
+        self.summary["preferences"] = collect_preferences(
+            self.sampler, self.sft_params, pref_prompts, cfg, self.rng,
+            os.path.join(self.data_dir, "preferences.jsonl"))
+        with open(os.path.join(self.data_dir, "prompts.jsonl"), "w", encoding="utf-8") as f:
+            for p in movies.prompts(self.rng, 512):
+                f.write(json.dumps({"prompt": p}) + "\n")
+        self.eval_prompts = movies.prompts(np.random.default_rng(cfg.seed + 99), cfg.eval_prompts)
 
-    # 4. reward model, from the SFT model, through the rm trainer
-    t = time.time()
-    rm_cfg = rm.RMConfig(
-        out_dir=os.path.join(out_dir, "runs", "rm"), seed=cfg.seed,
-        model=ModelConfig(path=dirs["sft"]),
-        data=DataConfig(train=os.path.join(data_dir, "preferences.jsonl"), eval_fraction=0.1,
-                        max_length=cfg.seq_len + PROMPT_WIDTH, on_bad_row="drop"),
-        optim=OptimizerConfig(learning_rate=cfg.rm_learning_rate, schedule="cosine",
-                              warmup_steps=10),
-        batch_size=32, epochs=cfg.rm_epochs, log_every=5, normalise_after_training=True,
-        checkpoint=CheckpointConfig(every=0, resume=False),
-    )
-    rm_result = rm.train(rm_cfg, log=quiet_log, progress_desc="4/6 reward model")
-    _move(rm_result["export"], dirs["reward"])
-    held = _held_out_pairs(rm_cfg, data_dir)
-    rm_scorer = RewardScorer(dirs["reward"], tokenizer, rm_cfg.data.max_length)
-    rm_eval = rm_accuracy_against_gold(rm_scorer, held)
-    rm_eval["accuracy_trainer_eval"] = rm_result["eval"].get("accuracy")
-    times["reward_model"] = time.time() - t
+    def reward_model(self) -> None:
+        """4. The reward model, from the SFT model, through the rm trainer."""
+        cfg = self.cfg
+        rm_cfg = rm.RMConfig(
+            out_dir=os.path.join(self.out_dir, "runs", "rm"), seed=cfg.seed,
+            model=ModelConfig(path=self.dirs["sft"]),
+            data=rm.RMDataConfig(train=os.path.join(self.data_dir, "preferences.jsonl"),
+                                 eval_fraction=0.1, max_length=cfg.seq_len + PROMPT_WIDTH,
+                                 on_bad_row="drop"),
+            optim=OptimizerConfig(learning_rate=cfg.rm_learning_rate, schedule="cosine",
+                                  warmup_steps=10),
+            batch_size=32, epochs=cfg.rm_epochs, log_every=5, normalise_after_training=True,
+            checkpoint=CheckpointConfig(every=0, resume=False),
+        )
+        result = rm.train(rm_cfg, log=self.log, progress_desc="4/6 reward model")
+        _move(result["export"], self.dirs["reward"])
+        held = _held_out_pairs(rm_cfg, self.data_dir)
+        self.rm_scorer = RewardScorer(self.dirs["reward"], self.tokenizer, rm_cfg.data.max_length)
+        rm_eval = rm_accuracy_against_gold(self.rm_scorer, held)
+        rm_eval["accuracy_trainer_eval"] = result["eval"].get("accuracy")
+        self.summary["reward_model"] = rm_eval
 
-    # 5. PPO through the ppo trainer, with the gold judge watching each batch
-    t = time.time()
-    ppo_cfg = ppo_loop.PPORunConfig(
-        out_dir=os.path.join(out_dir, "runs", "ppo"), seed=cfg.seed, policy=dirs["sft"],
-        reward_model=dirs["reward"],
-        prompts=PromptDataConfig(train=os.path.join(data_dir, "prompts.jsonl"),
-                                 eval_fraction=0.1, max_prompt_length=PROMPT_WIDTH),
-        sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, prompt_bucket=PROMPT_WIDTH),
-        ppo=ppo.PPOConfig(ppo_epochs=4, num_minibatches=2, kl_coef=cfg.kl_coef,
-                          kl_control="adaptive", target_kl=cfg.target_kl, kl_horizon=2000,
-                          vf_coef=0.5, missing_eos_penalty=1.0),
-        optim=OptimizerConfig(learning_rate=cfg.ppo_learning_rate),
-        batch_size=cfg.ppo_batch_size, iterations=cfg.ppo_iterations, sample_every=0,
-        checkpoint=CheckpointConfig(every=0, resume=False), export=True,
-    )
+    def ppo(self) -> None:
+        """5. PPO through the ppo trainer, with the gold judge watching each batch."""
+        cfg = self.cfg
+        ppo_cfg = ppo.PPORunConfig(
+            out_dir=os.path.join(self.out_dir, "runs", "ppo"), seed=cfg.seed,
+            policy=self.dirs["sft"], reward_model=self.dirs["reward"],
+            prompts=PromptDataConfig(train=os.path.join(self.data_dir, "prompts.jsonl"),
+                                     eval_fraction=0.1, max_prompt_length=PROMPT_WIDTH),
+            sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens,
+                                    prompt_bucket=PROMPT_WIDTH),
+            ppo=ppo_math.PPOConfig(ppo_epochs=4, num_minibatches=2, kl_coef=cfg.kl_coef,
+                                   kl_control="adaptive", target_kl=cfg.target_kl,
+                                   kl_horizon=2000, vf_coef=0.5, missing_eos_penalty=1.0),
+            optim=OptimizerConfig(learning_rate=cfg.ppo_learning_rate),
+            batch_size=cfg.ppo_batch_size, iterations=cfg.ppo_iterations, sample_every=0,
+            checkpoint=CheckpointConfig(every=0, resume=False), export=True,
+        )
 
-    def gold_of_batch(_, prompts, responses):
-        return {"env/gold": float(np.mean([world.gold_reward(p, r)
-                                           for p, r in zip(prompts, responses)]))}
+        def gold_of_batch(_, prompts, responses):
+            return {"env/gold": float(np.mean([movies.gold_reward(p, r)
+                                               for p, r in zip(prompts, responses)]))}
 
-    ppo_result = ppo_loop.train(ppo_cfg, log=quiet_log, progress_desc="5/6 PPO",
-                                on_iteration=gold_of_batch)
-    _move(ppo_result["export"], dirs["ppo"])
-    times["ppo"] = time.time() - t
+        result = ppo.train(ppo_cfg, log=self.log, progress_desc="5/6 PPO",
+                           on_iteration=gold_of_batch)
+        _move(result["export"], self.dirs["ppo"])
+        self.summary.update(ppo_last_kl=result["last"]["env/kl"],
+                            ppo_last_rm_score=result["last"]["env/score"],
+                            ppo_held_out_kl=result["eval"]["kl"])
 
-    # 6. evaluation on held-out prompts
-    t = time.time()
-    _, ppo_params = models.load_hf(dirs["ppo"])
-    with tqdm(total=1, desc="6/6 evaluate", unit="run") as bar:
-        ev = evaluate(sampler, sft_params, ppo_params, eval_prompts, cfg.seed + 7, rm_scorer)
-        bar.update(1)
-    times["evaluate"] = time.time() - t
+    def evaluate(self) -> None:
+        """6. Gold and RM rewards of the SFT and PPO policies on held-out prompts."""
+        _, ppo_params = models.load_hf(self.dirs["ppo"])
+        with progress(1, desc="6/6 evaluate", unit="run") as bar:
+            self.comparison = compare_policies(self.sampler, self.sft_params, ppo_params,
+                                               self.eval_prompts, self.cfg.seed + 7,
+                                               self.rm_scorer)
+            bar.update(1)
 
-    summary = {
-        "pretrain_loss_first": pre_losses[0], "pretrain_loss_last": float(np.mean(pre_losses[-20:])),
-        "sft_loss_first": sft_losses[0], "sft_loss_last": float(np.mean(sft_losses[-10:])),
-        "preferences": prefs, "reward_model": rm_eval,
-        "ppo_last_kl": ppo_result["last"]["env/kl"],
-        "ppo_last_rm_score": ppo_result["last"]["env/score"],
-        "ppo_held_out_kl": ppo_result["eval"]["kl"],
-        **{k: v for k, v in ev.items() if k != "samples"},
-        "stage_seconds": times, "seconds": time.time() - start,
-        "samples": ev["samples"][:cfg.num_samples],
-    }
-    _write_report(out_dir, summary)
+
+def run(cfg: DemoConfig, out_dir: str, log: Callable[[str], None]) -> dict:
+    """Runs the six stages into `out_dir`; returns the summary the report is written from."""
+    start = time.time()
+    demo = Pipeline(cfg, out_dir, log)
+    for name, stage in (("pretrain", demo.pretrain), ("sft", demo.sft),
+                        ("preferences", demo.preferences), ("reward_model", demo.reward_model),
+                        ("ppo", demo.ppo), ("evaluate", demo.evaluate)):
+        demo.timed(name, stage)
+    ev = demo.comparison
+    summary = {**demo.summary, **{k: v for k, v in ev.items() if k != "samples"},
+               "stage_seconds": demo.times, "seconds": time.time() - start,
+               "samples": ev["samples"][:cfg.num_samples]}
+    write_report(out_dir, summary)
     return summary
 
 
@@ -420,92 +453,7 @@ def _held_out_pairs(rm_cfg, data_dir: str) -> list[dict]:
             for r in held]
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def _plots(out_dir: str) -> list[str]:
-    """PNG curves from the trainers' metrics: RM loss/accuracy, PPO scores and KL."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plot_dir = os.path.join(out_dir, "plots")
-    os.makedirs(plot_dir, exist_ok=True)
-    written = []
-    rm_rows = read_jsonl(os.path.join(out_dir, "runs", "rm", "metrics.jsonl"))
-    train = [r for r in rm_rows if "train/accuracy" in r]
-    evals = [r for r in rm_rows if "eval/accuracy" in r]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax[0].plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train")
-    ax[0].plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="held-out")
-    ax[0].set(title="reward model loss", xlabel="step")
-    ax[1].plot([r["step"] for r in train], [r["train/accuracy"] for r in train], label="train")
-    ax[1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-",
-               label="held-out")
-    ax[1].set(title="reward model accuracy", xlabel="step")
-    for a in ax:
-        a.legend()
-    fig.tight_layout()
-    written.append(os.path.join(plot_dir, "reward_model.png"))
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-    rows = [r for r in read_jsonl(os.path.join(out_dir, "runs", "ppo", "metrics.jsonl"))
-            if "env/score" in r]
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
-    ax[0].plot(steps, [r["env/score"] for r in rows])
-    ax[0].set(title="PPO: reward-model score", xlabel="iteration")
-    ax[1].plot(steps, [r.get("env/gold", float("nan")) for r in rows], color="tab:green")
-    ax[1].set(title="PPO: gold reward (hidden judge)", xlabel="iteration")
-    ax[2].plot(steps, [r["env/kl"] for r in rows], color="tab:red")
-    ax[2].set(title="PPO: KL to the SFT reference", xlabel="iteration")
-    fig.tight_layout()
-    written.append(os.path.join(plot_dir, "ppo.png"))
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-    return written
-
-
-def _num(x) -> str:
-    return "n/a (the judge ties every pair)" if x is None else f"{x:.3f}"
-
-
-def _write_report(out_dir: str, s: dict) -> None:
-    from rlhf_jax.train.logging import format_table
-
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(s, f, indent=2)
-    plots = _plots(out_dir)
-    rmv = s["reward_model"]
-    lines = [
-        "# rlhf_jax demo report", "",
-        "| stage | result |", "|---|---|",
-        f"| pretraining | loss {s['pretrain_loss_first']:.3f} → {s['pretrain_loss_last']:.3f} |",
-        f"| SFT | loss {s['sft_loss_first']:.3f} → {s['sft_loss_last']:.3f} |",
-        f"| preferences | {s['preferences']['pairs']} pairs; noisy labels agree with the gold "
-        f"judge on {s['preferences']['label_agreement_with_gold']:.2f} of them |",
-        f"| reward model | held-out accuracy {_num(rmv['accuracy_vs_gold'])} against the gold "
-        f"judge, {rmv['accuracy_vs_labels']:.3f} against the noisy labels "
-        f"({rmv['held_out_pairs']} pairs) |",
-        f"| PPO | last iteration: RM score {s['ppo_last_rm_score']:.3f}, KL {s['ppo_last_kl']:.3f} |",
-        "", "## Held-out evaluation", "",
-        "| policy | gold reward (mean ± std over prompts) | RM score |", "|---|---|---|",
-        f"| SFT | {s['sft_gold_mean']:.3f} ± {s['sft_gold_std']:.3f} | {s['sft_rm_mean']:.3f} |",
-        f"| PPO | {s['ppo_gold_mean']:.3f} ± {s['ppo_gold_std']:.3f} | {s['ppo_rm_mean']:.3f} |",
-        "",
-        f"PPO wins against SFT on {s['ppo_win_rate_vs_sft']:.2f} of the prompts by the gold "
-        f"judge (ties count half), at a KL of {s['ppo_held_out_kl']:.3f} to the SFT reference "
-        "(per response, on held-out prompts).", "",
-        "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in
-                                                s["stage_seconds"].items())
-        + f"; total {s['seconds']:.0f}.", "",
-        *[f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots], "",
-        "## Samples (same prompt and seed, before and after PPO)", "",
-        format_table(s["samples"], ["prompt", "sft", "sft_gold", "ppo", "ppo_gold"], width=90),
-    ]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+# ----------------------------------------------------------------------------- command line
 
 
 def cli(argv: list[str]) -> int:
@@ -530,13 +478,7 @@ def cli(argv: list[str]) -> int:
             log_file.flush()
 
         s = run(cfg, args.out, quiet_log)
-    rmv = s["reward_model"]
     print(f"\nreport: {os.path.join(args.out, 'report.md')}  ({s['seconds']:.0f} s; trainer "
           f"logs in {log_path})")
-    print(f"  reward model held-out accuracy vs gold judge: {_num(rmv['accuracy_vs_gold'])}")
-    print(f"  gold reward  SFT {s['sft_gold_mean']:.3f} ± {s['sft_gold_std']:.3f}  →  "
-          f"PPO {s['ppo_gold_mean']:.3f} ± {s['ppo_gold_std']:.3f}  (win rate "
-          f"{s['ppo_win_rate_vs_sft']:.2f}, KL {s['ppo_held_out_kl']:.3f})")
-    for row in s["samples"][:3]:
-        print(f"  {row['prompt']}\n    SFT:{row['sft'].rstrip()}\n    PPO:{row['ppo'].rstrip()}")
+    print("\n".join(summary_lines(s)))
     return 0

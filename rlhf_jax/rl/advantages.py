@@ -11,7 +11,7 @@ the functions below stay correct when a mask has holes, and values at masked pos
 from __future__ import annotations
 
 import enum
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import flax.struct
 import jax
@@ -138,23 +138,6 @@ def per_token_kl(logprobs: Array, ref_logprobs: Array,
 # Scores and KL-shaped rewards.
 
 
-def truncate_after_stop(tokens: Array, mask: Array, stop_ids: Sequence[int]) -> tuple[Array, Array]:
-    """Masks out every token after the first stop token; the stop token itself stays real.
-
-    Args:
-      tokens: [B, T] int response tokens.
-      mask: [B, T] 1 at real tokens.
-      stop_ids: the stop (EOS / end-of-turn) token ids; an empty sequence stops nothing.
-    Returns:
-      (mask [B, T] with the dtype of `mask`, has_stop [B] bool: the response holds a stop token).
-    """
-    stop_ids = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
-    is_stop = jnp.any(tokens[..., None] == stop_ids, axis=-1) & (mask > 0)  # [B, T]
-    stops_before = jnp.cumsum(is_stop, axis=1) - is_stop  # stop tokens strictly before t
-    kept = (mask > 0) & (stops_before == 0)
-    return kept.astype(mask.dtype), jnp.any(is_stop, axis=1)
-
-
 def score_with_eos_penalty(scores: Array, has_stop_token: Array, penalty: float) -> Array:
     """s ← s − penalty for each response that never produced a stop token (cut at max length).
 
@@ -173,31 +156,6 @@ def score_with_eos_penalty(scores: Array, has_stop_token: Array, penalty: float)
 def clip_rewards(x: Array, limit: Optional[float]) -> Array:
     """clip(x, −limit, limit) elementwise; `limit` None returns x unchanged."""
     return x if limit is None else jnp.clip(x, -limit, limit)
-
-
-def reward_gain_bias(ref_scores: Array, target_mean: float = 0.0,
-                     target_std: float = 1.0) -> tuple[Array, Array]:
-    """Gain and bias so that gain·s + bias has the target mean and std on reference samples.
-
-    Ziegler et al. 2019 normalise the reward model once, on responses of the reference
-    policy: gain = target_std / sqrt(σ² + 1e-8), bias = target_mean − gain·μ, with μ and the
-    population variance σ² of `ref_scores` [N]. Apply with `normalize_scores`.
-    """
-    ref_scores = _f32(ref_scores)
-    mean, var = jnp.mean(ref_scores), jnp.var(ref_scores)
-    gain = target_std * jax.lax.rsqrt(var + 1e-8)
-    return gain, target_mean - gain * mean
-
-
-def normalize_scores(scores: Array, gain: Array, bias: Array) -> Array:
-    """gain·s + bias (the RM normalisation fitted by `reward_gain_bias`)."""
-    return gain * scores + bias
-
-
-def last_token_index(mask: Array) -> Array:
-    """Index of each row's last real token [B] int32 (−1 for an empty row)."""
-    t = jnp.arange(mask.shape[1], dtype=jnp.int32)
-    return jnp.max(jnp.where(mask > 0, t[None, :], -1), axis=1)
 
 
 def shape_rewards(
@@ -227,8 +185,9 @@ def shape_rewards(
     real = mask > 0
     kl = jnp.where(real, per_token_kl(_f32(logprobs), _f32(ref_logprobs), estimator), 0.0)
     non_score = -kl_coef * kl  # [B, T]
-    t = jnp.arange(mask.shape[1], dtype=jnp.int32)
-    is_last = t[None, :] == last_token_index(mask)[:, None]  # [B, T], all False if empty
+    t = jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :]
+    last = jnp.max(jnp.where(real, t, -1), axis=1, keepdims=True)  # [B, 1], -1 if empty
+    is_last = t == last  # [B, T], all False for an empty response
     rewards = non_score + jnp.where(is_last, _f32(scores)[:, None], 0.0)
     return rewards, {"kl": jnp.sum(kl, axis=1), "non_score_reward": jnp.sum(non_score, axis=1)}
 

@@ -27,6 +27,7 @@ from rlhf_jax.train import optim
 from rlhf_jax.rl.advantages import (  # noqa: F401 - the public PPO API lives here too
     KLControl,
     KLEstimator,
+    clip_rewards,
     gae,
     masked_mean,
     masked_whiten,
@@ -259,8 +260,7 @@ def with_advantages(
     """KL-shaped rewards → GAE → (optionally) whitened advantages; per-row stats for logging."""
     mask = rollout.response_mask.astype(jnp.float32)
     scores = scored["scores"]
-    if cfg.reward_clip is not None:
-        scores = jnp.clip(scores, -cfg.reward_clip, cfg.reward_clip)
+    scores = clip_rewards(scores, cfg.reward_clip)
     if cfg.missing_eos_penalty is not None:
         scores = score_with_eos_penalty(scores, rollout.ended_with_stop, cfg.missing_eos_penalty)
     rewards, stats = shape_rewards(scores, scored["logprobs"], scored["ref_logprobs"], mask,

@@ -13,38 +13,27 @@ al. 2023: keeps scores near zero, which the Bradley-Terry loss alone leaves free
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib
-from rlhf_jax.rl import losses
-from rlhf_jax import models
-from rlhf_jax.train import optim
+from rlhf_jax import models, perf
 from rlhf_jax import sharding as shd
 from rlhf_jax.config import check
 from rlhf_jax.data import DataConfig, PreferenceData, load_preferences
+from rlhf_jax.rl import losses
+from rlhf_jax.train import optim
+from rlhf_jax.train.loop import command, run
+from rlhf_jax.train.model_source import load_tokenizer
+from rlhf_jax.train.supervised import SupervisedConfig, SupervisedJob, SupervisedStage
 from rlhf_jax.world import preferences
-from rlhf_jax.train.runner import run_command
-from rlhf_jax.train.loop import (  # noqa: F401 - ArchConfig, ModelConfig, create_state: public here
-    ArchConfig,
-    ModelConfig,
-    RunConfig,
-    Stage,
-    create_state,
-    fit,
-    jit_steps,
-    load_tokenizer,
-    sum_over_epoch,
-)
 
 # ----------------------------------------------------------------------------- config
 
@@ -67,9 +56,10 @@ class RMDataConfig(DataConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class RMConfig(RunConfig):
-    """A reward-model training run: the fields of `trainer.RunConfig` (batch_size counts
-    preference pairs; the export is a sequence-classification model) and
+class RMConfig(SupervisedConfig):
+    """A reward-model training run: the fields of
+    `rlhf_jax.train.supervised.SupervisedConfig` (batch_size counts preference pairs; the
+    export is a sequence-classification model) and
 
     Attributes:
       data: preference data (see RMDataConfig).
@@ -196,7 +186,7 @@ def reward_normalisation(
     return gain / std, (bias - mean) / std
 
 
-# ----------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------- the stage
 
 
 def resolve_data(cfg: RMConfig) -> tuple[RMDataConfig, Optional[str]]:
@@ -208,28 +198,29 @@ def resolve_data(cfg: RMConfig) -> tuple[RMDataConfig, Optional[str]]:
     return data, paths["tokenizer"]
 
 
-def batch_shardings(mesh) -> dict:
+def _load_data(cfg: RMConfig):
+    data_cfg, generated_tokenizer = resolve_data(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.model.path or generated_tokenizer)
+    return (tokenizer, *load_preferences(data_cfg, tokenizer, cfg.batch_size, cfg.seed))
+
+
+def _steps(cfg: RMConfig, model, tx) -> tuple[Callable, Callable]:
+    loss_args = {"margin_scale": cfg.margin_scale, "center_coef": cfg.center_coef}
+    return (functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.grad_accum,
+                              **loss_args),
+            functools.partial(eval_step, model=model, **loss_args))
+
+
+def batch_shardings(cfg: RMConfig, mesh) -> dict:
+    """Pairs split over data × fsdp; each pair's two sequences stay on one device."""
     return {"input_ids": shd.batch_sharding(mesh, 3), "attention_mask": shd.batch_sharding(mesh, 3),
             "margin": shd.batch_sharding(mesh, 1), "weight": shd.batch_sharding(mesh, 1)}
 
 
-def compile_steps(cfg: RMConfig, model, tx, mesh, state_shardings) -> tuple[Callable, Callable]:
-    """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
-    loss_args = {"margin_scale": cfg.margin_scale, "center_coef": cfg.center_coef}
-    return jit_steps(
-        functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.grad_accum, **loss_args),
-        functools.partial(eval_step, model=model, **loss_args),
-        state_shardings, batch_shardings(mesh), mesh)
-
-
-# ----------------------------------------------------------------------------- loop
-
-
-def evaluate(eval_fn: Callable, params, data: PreferenceData, mesh) -> dict[str, float]:
+def means(sums: dict) -> dict[str, float]:
     """Means over every held-out pair: loss, bt_loss, accuracy, margin."""
-    host = sum_over_epoch(eval_fn, params, data, mesh)
-    pairs = max(host.pop("pairs"), 1.0)
-    return {k: v / pairs for k, v in host.items()}
+    pairs = max(sums.pop("pairs"), 1.0)
+    return {k: v / pairs for k, v in sums.items()}
 
 
 def normalised(model, params, data: PreferenceData, mesh):
@@ -246,61 +237,49 @@ def normalised(model, params, data: PreferenceData, mesh):
     return models.make_model(model.cfg, "reward", gain=gain, bias=bias)
 
 
-def _load_data(cfg: RMConfig):
-    data_cfg, synthetic_tokenizer = resolve_data(cfg)
-    tokenizer = load_tokenizer(cfg.model, synthetic_tokenizer)
-    return (tokenizer, *load_preferences(data_cfg, tokenizer, cfg.batch_size, cfg.seed))
-
-
 def _work(batch: dict):
     b, _, t = batch["input_ids"].shape
     return t, 2 * b, {"pairs": batch["weight"].sum(), "tokens": batch["attention_mask"].sum()}
 
 
-def _finish(cfg: RMConfig, model, params, train_data, held_out, mesh, log):
+def _finish(job: SupervisedJob, params):
     """Reward normalisation (when configured); gain and bias go with the final checkpoint."""
-    if cfg.normalise_after_training:
-        model = normalised(model, params, held_out if held_out is not None else train_data, mesh)
-        log(f"reward normalisation: gain {model.gain:.4g}, bias {model.bias:.4g}")
+    model = job.model
+    if job.cfg.normalise_after_training:
+        data = job.held_out if job.held_out is not None else job.train_data
+        model = normalised(model, params, data, job.mesh)
+        job.log(f"reward normalisation: gain {model.gain:.4g}, bias {model.bias:.4g}")
     return model, {"reward_gain": model.gain, "reward_bias": model.bias}
 
 
-STAGE = Stage(head="reward", load_data=_load_data, compile_steps=compile_steps,
-              evaluate=evaluate, work=_work, lm_head=False, postfix=("loss", "accuracy"),
-              finish=_finish)
+STAGE = SupervisedStage(head="reward", load_data=_load_data, steps=_steps,
+                        batch_shardings=batch_shardings, means=means, work=_work,
+                        postfix=("train/loss", "train/accuracy"), finish=_finish)
 
 
 def train(cfg: RMConfig, log: Callable[[str], None] = print, progress_desc: str = "rm") -> dict:
-    """Trains (or resumes) a reward model as `cfg` says (see `trainer.fit` for what it
-    writes); returns the held-out metrics, the export path and the final gain and bias."""
-    result = fit(cfg, STAGE, log, progress_desc)
+    """Trains (or resumes) a reward model as `cfg` says (see `rlhf_jax.train.loop.run` for
+    what it writes); returns the held-out metrics, the export path and the final gain and
+    bias."""
+    result = run(cfg, lambda c, mesh, log: SupervisedJob(c, STAGE, mesh, log),
+                 perf.mfu_ceiling_flops_per_s(), log, progress_desc)
     if result.get("preempted"):
         return result
-    model = result.pop("model")
+    model = result.pop("job").model
     return {**result, "gain": model.gain, "bias": model.bias}
 
 
-def cli(argv: list[str]) -> int:
+def _summary(result: dict) -> str:
+    steps = f"after {result['steps']} steps"
+    if not result["eval"]:
+        return f"trained {steps}"
+    order = ["loss", "accuracy", "margin", "bt_loss"]
+    return f"held-out {steps}: " + ", ".join(f"{k} {result['eval'][k]:.4f}" for k in order
+                                             if k in result["eval"])
+
+
+def cli(argv: Sequence[str]) -> int:
     """`rlhf-jax rm --config FILE key.sub=value ...`."""
-    parser = argparse.ArgumentParser(
-        prog="rlhf-jax rm", description="Train a reward model on preference pairs (Bradley-Terry).")
-    parser.add_argument("--config", help="YAML file of RMConfig fields (configs/rm_tiny.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="override config keys, e.g. optim.learning_rate=1e-4 steps=100")
-    args = parser.parse_args(argv)
-    from tqdm import tqdm
-
-    def body() -> int:
-        cfg = config_lib.load(RMConfig, args.config, args.overrides)
-        shd.check_mesh(cfg.mesh)
-        result = train(cfg, log=tqdm.write)
-        if result.get("preempted"):
-            return result["exit_code"]
-        if result["eval"]:
-            order = ["loss", "accuracy", "margin", "bt_loss"]
-            summary = ", ".join(f"{k} {result['eval'][k]:.4f}" for k in order
-                                if k in result["eval"])
-            print(f"held-out after {result['steps']} steps: {summary}")
-        return 0
-
-    return run_command("rlhf-jax rm", body)
+    return command(argv, name="rm", config_class=RMConfig, train=train, summary=_summary,
+                   description="Train a reward model on preference pairs (Bradley-Terry).",
+                   example="optim.learning_rate=1e-4 steps=100")

@@ -13,32 +13,23 @@ token is predicted from the example before it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib
-from rlhf_jax.train import optim
+from rlhf_jax import perf
 from rlhf_jax import sharding as shd
-from rlhf_jax.data.sft import (
-    SFTData, SFTDataConfig, load_sft,
-)
-from rlhf_jax.train.loop import (
-    RunConfig,
-    Stage,
-    fit,
-    jit_steps,
-    load_tokenizer,
-    sum_over_epoch,
-)
-from rlhf_jax.train.runner import run_command
+from rlhf_jax.data.sft import SFTDataConfig, load_sft
+from rlhf_jax.train import optim
+from rlhf_jax.train.loop import command, run
+from rlhf_jax.train.model_source import load_tokenizer
+from rlhf_jax.train.supervised import SupervisedConfig, SupervisedJob, SupervisedStage
 from rlhf_jax.world import movies
 
 # ----------------------------------------------------------------------------- config
@@ -62,9 +53,10 @@ class SFTStageDataConfig(SFTDataConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTConfig(RunConfig):
-    """A supervised fine-tuning (or pretraining) run: the fields of `trainer.RunConfig`
-    (batch_size counts rows; a packed row holds several examples) and
+class SFTConfig(SupervisedConfig):
+    """A supervised fine-tuning (or pretraining) run: the fields of
+    `rlhf_jax.train.supervised.SupervisedConfig` (batch_size counts rows; a packed row holds
+    several examples) and
 
     Attributes:
       data: demonstrations (see SFTStageDataConfig).
@@ -152,7 +144,7 @@ def eval_step(params: Any, batch: dict, *, model) -> dict:
     return {**sums, "tokens": count}
 
 
-# ----------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------- the stage
 
 
 def resolve_data(cfg: SFTConfig) -> tuple[SFTDataConfig, Optional[str]]:
@@ -164,31 +156,28 @@ def resolve_data(cfg: SFTConfig) -> tuple[SFTDataConfig, Optional[str]]:
     return data, paths["tokenizer"]
 
 
-def compile_steps(cfg: SFTConfig, model, tx, mesh, state_shardings) -> tuple[Callable, Callable]:
-    """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
+def _load_data(cfg: SFTConfig):
+    data_cfg, generated_tokenizer = resolve_data(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.model.path or generated_tokenizer)
+    return (tokenizer, *load_sft(data_cfg, tokenizer, cfg.batch_size, cfg.seed))
+
+
+def _steps(cfg: SFTConfig, model, tx) -> tuple[Callable, Callable]:
+    return (functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.grad_accum),
+            functools.partial(eval_step, model=model))
+
+
+def _batch_shardings(cfg: SFTConfig, mesh) -> dict:
     keys = ("input_ids", "attention_mask", "loss_mask") + (
         ("segment_ids",) if cfg.data.packing else ())
-    batch_shardings = {k: shd.batch_sharding(mesh, 2) for k in keys}
-    return jit_steps(
-        functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.grad_accum),
-        functools.partial(eval_step, model=model), state_shardings, batch_shardings, mesh)
+    return {k: shd.batch_sharding(mesh, 2) for k in keys}
 
 
-# ----------------------------------------------------------------------------- loop
-
-
-def evaluate(eval_fn: Callable, params, data: SFTData, mesh) -> dict[str, float]:
+def means(sums: dict) -> dict[str, float]:
     """Means over every held-out target token: loss, accuracy, and perplexity = exp(loss)."""
-    host = sum_over_epoch(eval_fn, params, data, mesh)
-    tokens = max(host.pop("tokens"), 1.0)
-    out = {k: v / tokens for k, v in host.items()}
+    tokens = max(sums.pop("tokens"), 1.0)
+    out = {k: v / tokens for k, v in sums.items()}
     return {**out, "perplexity": float(np.exp(min(out["loss"], 50.0)))}
-
-
-def _load_data(cfg: SFTConfig):
-    data_cfg, synthetic_tokenizer = resolve_data(cfg)
-    tokenizer = load_tokenizer(cfg.model, synthetic_tokenizer)
-    return (tokenizer, *load_sft(data_cfg, tokenizer, cfg.batch_size, cfg.seed))
 
 
 def _work(batch: dict):
@@ -197,39 +186,31 @@ def _work(batch: dict):
                   "target_tokens": batch["loss_mask"].sum()}
 
 
-STAGE = Stage(head="lm", load_data=_load_data, compile_steps=compile_steps, evaluate=evaluate,
-              work=_work)
+STAGE = SupervisedStage(head="lm", load_data=_load_data, steps=_steps,
+                        batch_shardings=_batch_shardings, means=means, work=_work)
 
 
 def train(cfg: SFTConfig, log: Callable[[str], None] = print, progress_desc: str = "sft") -> dict:
-    """Trains (or resumes) a causal LM on demonstrations as `cfg` says (see `trainer.fit` for
-    what it writes); returns the held-out metrics and the export path."""
-    result = fit(cfg, STAGE, log, progress_desc)
-    result.pop("model", None)
+    """Trains (or resumes) a causal LM on demonstrations as `cfg` says (see
+    `rlhf_jax.train.loop.run` for what it writes); returns the held-out metrics and the export
+    path."""
+    result = run(cfg, lambda c, mesh, log: SupervisedJob(c, STAGE, mesh, log),
+                 perf.mfu_ceiling_flops_per_s(), log, progress_desc)
+    result.pop("job", None)
     return result
 
 
-def cli(argv: list[str]) -> int:
+def _summary(result: dict) -> str:
+    steps = f"after {result['steps']} steps"
+    if not result["eval"]:
+        return f"trained {steps}"
+    order = ["loss", "perplexity", "accuracy"]
+    return f"held-out {steps}: " + ", ".join(f"{k} {result['eval'][k]:.4f}" for k in order)
+
+
+def cli(argv: Sequence[str]) -> int:
     """`rlhf-jax sft --config FILE key.sub=value ...`."""
-    parser = argparse.ArgumentParser(
-        prog="rlhf-jax sft",
-        description="Supervised fine-tuning of a causal LM on demonstrations (or pretraining).")
-    parser.add_argument("--config", help="YAML file of SFTConfig fields (configs/sft_tiny.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="override config keys, e.g. optim.learning_rate=1e-4 steps=100")
-    args = parser.parse_args(argv)
-    from tqdm import tqdm
-
-    def body() -> int:
-        cfg = config_lib.load(SFTConfig, args.config, args.overrides)
-        shd.check_mesh(cfg.mesh)
-        result = train(cfg, log=tqdm.write)
-        if result.get("preempted"):
-            return result["exit_code"]
-        if result["eval"]:
-            order = ["loss", "perplexity", "accuracy"]
-            summary = ", ".join(f"{k} {result['eval'][k]:.4f}" for k in order)
-            print(f"held-out after {result['steps']} steps: {summary}")
-        return 0
-
-    return run_command("rlhf-jax sft", body)
+    return command(argv, name="sft", config_class=SFTConfig, train=train, summary=_summary,
+                   description="Supervised fine-tuning of a causal LM on demonstrations "
+                               "(or pretraining).",
+                   example="optim.learning_rate=1e-4 steps=100")

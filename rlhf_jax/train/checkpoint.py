@@ -33,12 +33,16 @@ class CheckpointConfig:
       keep: keep the newest this many checkpoints.
       async_save: write in a background thread while training goes on.
       resume: continue from the newest complete checkpoint in the output directory, if any.
+      resume_with_changes: resume even when the config differs from the saved run's in more
+        than its length, logging and checkpointing (each start's config is kept in
+        config_history.yaml either way).
     """
 
     every: int = 0
     keep: int = 2
     async_save: bool = True
     resume: bool = True
+    resume_with_changes: bool = False
 
     def __post_init__(self):
         check(self.every >= 0, "every", self.every, "0 (only at the end) or a positive step count")

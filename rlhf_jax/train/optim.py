@@ -1,4 +1,5 @@
-"""Optimizer from config, the train state, and gradient accumulation shared by every stage."""
+"""Optimizer from config, the (sharded) train state, and gradient accumulation shared by every
+stage."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax import sharding as shd
 from rlhf_jax.config import check
 
 
@@ -96,15 +98,31 @@ class TrainState:
 
 
 def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0, `params`, and the optimizer's fresh state (unsharded; see `sharded_state`)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def apply_gradients(
-    state: TrainState, grads: Any, tx: optax.GradientTransformation
-) -> tuple[TrainState, dict]:
-    """One optimizer update; returns the new state and norm metrics (float32)."""
-    new_state, update_norm = _update(state, grads, tx)
-    return new_state, {"grad_norm": optax.global_norm(grads), "update_norm": update_norm}
+def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh,
+                    rules=shd.DEFAULT_RULES) -> TrainState:
+    """The NamedShardings of a train state over `abstract_params` (logically boxed shapes,
+    e.g. `models.abstract_params(model)`, or a dict of them for several models): every
+    optimizer moment sharded like the param it follows, the step replicated."""
+    abstract = jax.eval_shape(lambda p: create_state(p, tx), abstract_params)
+    return shd.shardings_for(abstract, mesh, rules)
+
+
+def sharded_state(abstract_params: Any, params: Any, tx: optax.GradientTransformation, mesh,
+                  rules=shd.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+    """(train state, its shardings) created in place on `mesh`, never whole on one device.
+
+    Jitting `create_state` without output shardings would leave XLA free to replicate the
+    Adam moments: compiled for 16 TPU v5p chips, an 8B policy and critic then need 123 GB per
+    chip instead of 10.9 GB.
+    """
+    shardings = state_shardings(abstract_params, tx, mesh, rules)
+    with shd.use_mesh(mesh, rules):
+        state = jax.jit(lambda p: create_state(p, tx), out_shardings=shardings)(params)
+    return state, shardings
 
 
 def _update(state: TrainState, grads: Any, tx: optax.GradientTransformation):

@@ -23,10 +23,12 @@ import math
 import os
 import signal
 import sys
-from typing import Any, Callable, Mapping, Optional
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+import yaml
 
 from rlhf_jax import config as config_lib
 from rlhf_jax.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, abstract_like
@@ -55,7 +57,10 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-GUARDED = ("loss", "grad_norm", "update_norm")
+GUARDED = ("loss", "grad_norm", "update_norm")  # under any prefix: "ppo/loss" is guarded too
+
+CONFIG_FILE = "config.yaml"  # the config of the latest start of the run
+HISTORY_FILE = "config_history.yaml"  # one YAML document per start: the run's whole record
 
 
 class Runner:
@@ -77,8 +82,33 @@ class Runner:
         self.checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=ckpt.keep,
                                          async_save=ckpt.async_save)
         if config is not None:
-            os.makedirs(out_dir, exist_ok=True)
-            config_lib.save_yaml(config, os.path.join(out_dir, "config.yaml"))
+            self._record_config(config)
+
+    def _record_config(self, config: Any) -> None:
+        """Refuses to resume a run whose config changed (beyond `RESUMABLE_KEYS`) unless
+        `checkpoint.resume_with_changes`; then writes config.yaml and appends it to
+        config_history.yaml. Nothing is written when the run is refused."""
+        current = config_lib.to_dict(config)
+        saved_path = os.path.join(self.out_dir, CONFIG_FILE)
+        resuming = self.ckpt_cfg.resume and bool(self.checkpointer.steps())
+        changed: list[str] = []
+        if resuming and os.path.exists(saved_path):
+            with open(saved_path, encoding="utf-8") as f:
+                saved = yaml.safe_load(f) or {}
+            changed = changed_keys(saved, current)
+            allowed = getattr(config, "RESUMABLE_KEYS", ())
+            refused = [k for k in changed if not _under(k, allowed)]
+            if refused and not self.ckpt_cfg.resume_with_changes:
+                raise config_lib.ConfigError(refused[0], _refusal(self.out_dir, refused, saved,
+                                                                  current))
+        if jax.process_index() != 0:
+            return
+        os.makedirs(self.out_dir, exist_ok=True)
+        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "resumed": resuming, "changed": changed, "config": current}
+        with open(os.path.join(self.out_dir, HISTORY_FILE), "a", encoding="utf-8") as f:
+            f.write("---\n" + yaml.safe_dump(record, sort_keys=False))
+        config_lib.save_yaml(config, saved_path)
 
     def resume(self, state: Any) -> tuple[int, Any, dict]:
         """(completed steps, state, meta) from the newest readable checkpoint, else (0, state, {})."""
@@ -108,8 +138,10 @@ class Runner:
 
     def check_finite(self, step: int, metrics: Mapping[str, Any]) -> bool:
         """True when the step's guarded metrics are finite; else skip or raise, by config."""
-        host = jax.device_get({k: metrics[k] for k in GUARDED if k in metrics})
-        bad = [k for k in GUARDED if k in host and not math.isfinite(float(np.asarray(host[k])))]
+        guarded = sorted((k for k in metrics if k.rsplit("/", 1)[-1] in GUARDED),
+                         key=lambda k: GUARDED.index(k.rsplit("/", 1)[-1]))
+        host = jax.device_get({k: metrics[k] for k in guarded})
+        bad = [k for k in guarded if not math.isfinite(float(np.asarray(host[k])))]
         if not bad:
             return True
         what = ", ".join(f"{k}={float(np.asarray(host[k]))}" for k in bad)
@@ -161,6 +193,37 @@ class Runner:
         return 128 + self._stop_signal if self.preempted else 0
 
 
+def changed_keys(saved: Mapping, current: Mapping, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key), current.get(key)
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += changed_keys(a, b, path)
+        elif a != b:
+            out.append(path)
+    return out
+
+
+def _under(key: str, sections: Sequence[str]) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in sections)
+
+
+def _lookup(tree: Mapping, key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, Mapping) else None
+    return tree
+
+
+def _refusal(out_dir: str, keys: list[str], saved: Mapping, current: Mapping) -> str:
+    shown = "; ".join(f"{k}: {_lookup(saved, k)!r} -> {_lookup(current, k)!r}" for k in keys[:4])
+    more = f" (and {len(keys) - 4} more)" if len(keys) > 4 else ""
+    return (f"{out_dir} holds a run made with another config ({shown}{more}); resuming would "
+            "continue it under the new values. Use a new out_dir, or checkpoint.resume=false to "
+            "start afresh there, or checkpoint.resume_with_changes=true to continue with them")
+
+
 def fail(message: str, code: int = 2) -> int:
     """Prints a one-line error for the CLI and returns its exit code."""
     print(" ".join(str(message).split()), file=sys.stderr)
@@ -171,7 +234,7 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
     """Runs a command's body; bad input ends in one line on stderr and an exit code, not a
     traceback: 2 for config mistakes, 1 for unusable data, model files or checkpoints, 3 for a
     non-finite step. Anything else is a bug and keeps its traceback."""
-    from rlhf_jax.data.formats import DataError
+    from rlhf_jax.data import DataError
     from rlhf_jax.models.safetensors_io import ModelFileError
 
     try:
