@@ -3,7 +3,6 @@ names the problem and the fix, with exit code 2 (config) or 1 (data, files), nev
 traceback. Runs in-process through `rlhf_jax.cli.main`."""
 
 import json
-import os
 import pathlib
 
 import jax

@@ -101,7 +101,7 @@ def test_write_prints_a_whole_line_on_standard_output(capsys):
     out = io.StringIO()
     with P.progress(2, stream=out) as bar:
         bar.update(1)
-        P.write("checkpoint saved at step 1")
+        P.log_line("checkpoint saved at step 1")
         bar.update(1)
     assert capsys.readouterr().out == "checkpoint saved at step 1\n"
 

@@ -8,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 TOY = str(pathlib.Path(__file__).with_name("toy_trainer.py"))
 ENV = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}

@@ -406,7 +406,7 @@ class Pipeline:
             bar.update(1)
 
 
-def run(cfg: DemoConfig, out_dir: str, log: Callable[[str], None]) -> dict:
+def run_pipeline(cfg: DemoConfig, out_dir: str, log: Callable[[str], None]) -> dict:
     """Runs the six stages into `out_dir`; returns the summary the report is written from."""
     start = time.time()
     demo = Pipeline(cfg, out_dir, log)
@@ -477,7 +477,7 @@ def cli(argv: list[str]) -> int:
             log_file.write(message + "\n")
             log_file.flush()
 
-        s = run(cfg, args.out, quiet_log)
+        s = run_pipeline(cfg, args.out, quiet_log)
     print(f"\nreport: {os.path.join(args.out, 'report.md')}  ({s['seconds']:.0f} s; trainer "
           f"logs in {log_path})")
     print("\n".join(summary_lines(s)))

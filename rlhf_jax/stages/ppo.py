@@ -36,7 +36,7 @@ from rlhf_jax.train import optim
 from rlhf_jax.train.logging import drop_rows_after, format_table
 from rlhf_jax.train.loop import RunConfig, command, run
 from rlhf_jax.train.model_source import (
-    ModelOptions, check_vocab, load_model, load_tokenizer, require_model_dir,
+    ModelOptions, check_vocab, load_model, require_model_dir, tokenizer_for,
 )
 from rlhf_jax.train.optim import OptimizerConfig
 
@@ -139,7 +139,7 @@ class PPOJob:
         for key in ("policy", "reward_model", "critic"):
             require_model_dir(key, getattr(cfg, key))
         self.cfg, self.mesh, self.log, self.on_iteration = cfg, mesh, log, on_iteration
-        self.tokenizer = load_tokenizer(cfg.model, cfg.policy)
+        self.tokenizer = tokenizer_for(cfg.model, cfg.policy)
         self.prompts, self.held_out = load_prompts(cfg.prompts, self.tokenizer, cfg.seed,
                                                    batch_size=cfg.batch_size)
         for part in (self.prompts, self.held_out):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -31,7 +30,6 @@ from rlhf_jax.data import DataConfig, PreferenceData, load_preferences
 from rlhf_jax.rl import losses
 from rlhf_jax.train import optim
 from rlhf_jax.train.loop import command, run
-from rlhf_jax.train.model_source import load_tokenizer
 from rlhf_jax.train.supervised import SupervisedConfig, SupervisedJob, SupervisedStage
 from rlhf_jax.world import preferences
 
@@ -189,21 +187,6 @@ def reward_normalisation(
 # ----------------------------------------------------------------------------- the stage
 
 
-def resolve_data(cfg: RMConfig) -> tuple[RMDataConfig, Optional[str]]:
-    """The data section with generated files filled in (data.synthetic), and their tokenizer."""
-    if cfg.data.synthetic is None:
-        return cfg.data, None
-    paths = preferences.write_dataset(cfg.data.synthetic, os.path.join(cfg.out_dir, "synthetic"))
-    data = dataclasses.replace(cfg.data, train=paths["train"], eval=paths["eval"] or cfg.data.eval)
-    return data, paths["tokenizer"]
-
-
-def _load_data(cfg: RMConfig):
-    data_cfg, generated_tokenizer = resolve_data(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.model.path or generated_tokenizer)
-    return (tokenizer, *load_preferences(data_cfg, tokenizer, cfg.batch_size, cfg.seed))
-
-
 def _steps(cfg: RMConfig, model, tx) -> tuple[Callable, Callable]:
     loss_args = {"margin_scale": cfg.margin_scale, "center_coef": cfg.center_coef}
     return (functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.grad_accum,
@@ -252,7 +235,7 @@ def _finish(job: SupervisedJob, params):
     return model, {"reward_gain": model.gain, "reward_bias": model.bias}
 
 
-STAGE = SupervisedStage(head="reward", load_data=_load_data, steps=_steps,
+STAGE = SupervisedStage(head="reward", load=load_preferences, write_generated=preferences.write_dataset, steps=_steps,
                         batch_shardings=batch_shardings, means=means, work=_work,
                         postfix=("train/loss", "train/accuracy"), finish=_finish)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -28,7 +27,6 @@ from rlhf_jax import sharding as shd
 from rlhf_jax.data.sft import SFTDataConfig, load_sft
 from rlhf_jax.train import optim
 from rlhf_jax.train.loop import command, run
-from rlhf_jax.train.model_source import load_tokenizer
 from rlhf_jax.train.supervised import SupervisedConfig, SupervisedJob, SupervisedStage
 from rlhf_jax.world import movies
 
@@ -147,21 +145,6 @@ def eval_step(params: Any, batch: dict, *, model) -> dict:
 # ----------------------------------------------------------------------------- the stage
 
 
-def resolve_data(cfg: SFTConfig) -> tuple[SFTDataConfig, Optional[str]]:
-    """The data section with generated files filled in (data.synthetic), and their tokenizer."""
-    if cfg.data.synthetic is None:
-        return cfg.data, None
-    paths = movies.write_demonstrations(cfg.data.synthetic, os.path.join(cfg.out_dir, "synthetic"))
-    data = dataclasses.replace(cfg.data, train=paths["train"], eval=paths["eval"] or cfg.data.eval)
-    return data, paths["tokenizer"]
-
-
-def _load_data(cfg: SFTConfig):
-    data_cfg, generated_tokenizer = resolve_data(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.model.path or generated_tokenizer)
-    return (tokenizer, *load_sft(data_cfg, tokenizer, cfg.batch_size, cfg.seed))
-
-
 def _steps(cfg: SFTConfig, model, tx) -> tuple[Callable, Callable]:
     return (functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.grad_accum),
             functools.partial(eval_step, model=model))
@@ -186,7 +169,7 @@ def _work(batch: dict):
                   "target_tokens": batch["loss_mask"].sum()}
 
 
-STAGE = SupervisedStage(head="lm", load_data=_load_data, steps=_steps,
+STAGE = SupervisedStage(head="lm", load=load_sft, write_generated=movies.write_demonstrations, steps=_steps,
                         batch_shardings=_batch_shardings, means=means, work=_work)
 
 

@@ -211,7 +211,7 @@ def command(argv: Sequence[str], *, name: str, description: str, config_class,
     def body() -> int:
         cfg = config_lib.load(config_class, args.config, args.overrides)
         shd.check_mesh(cfg.mesh)
-        result = train(cfg, log=progress.write)
+        result = train(cfg, log=progress.log_line)
         if result.get("preempted"):
             return result["exit_code"]
         print(summary(result))

@@ -94,7 +94,7 @@ def require_model_dir(key: str, path: Optional[str]) -> None:
                                "Hugging Face model directory (config.json + *.safetensors)")
 
 
-def load_tokenizer(options: ModelOptions, default: Optional[str], key: str = "model.tokenizer"):
+def tokenizer_for(options: ModelOptions, default: Optional[str], key: str = "model.tokenizer"):
     """The tokenizer at `options.tokenizer`, else at `default` (the model's directory or the
     generated data's tokenizer)."""
     path = options.tokenizer or default

@@ -117,7 +117,7 @@ def progress(total: int, *, initial: int = 0, desc: str = "", unit: str = "step"
         plain.close()
 
 
-def write(message: str) -> None:
+def log_line(message: str) -> None:
     """Prints a log line on standard output without breaking a progress bar on the terminal."""
     from tqdm import tqdm
 

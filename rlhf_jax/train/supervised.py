@@ -8,6 +8,7 @@ A stage describes what differs (`SupervisedStage`: its head, data, step function
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Optional
 
 import jax
@@ -18,7 +19,9 @@ from rlhf_jax import sharding as shd
 from rlhf_jax.config import check
 from rlhf_jax.train import optim
 from rlhf_jax.train.loop import RunConfig, prefixed
-from rlhf_jax.train.model_source import ArchConfig, ModelConfig, check_vocab, load_model
+from rlhf_jax.train.model_source import (
+    ArchConfig, ModelConfig, check_vocab, load_model, tokenizer_for,
+)
 from rlhf_jax.train.throughput import training_flops
 
 
@@ -53,8 +56,11 @@ class SupervisedStage:
 
     Attributes:
       head: the model head ("lm", "reward").
-      load_data: cfg -> (tokenizer, training data, held-out data or None); the data serve
-        `batch(i)`, `batches_per_epoch(e)`, `epoch_batches(e)` and `summary`.
+      load: (data config, tokenizer, batch size, seed) -> (training data, held-out data or
+        None); the data serve `batch(i)`, `batches_per_epoch(e)`, `epoch_batches(e)` and
+        `summary`.
+      write_generated: (the data section's `synthetic` config, directory) -> {"train", "eval",
+        "tokenizer"} paths of generated data (rlhf_jax.world).
       steps: (cfg, model, tx) -> (train_step(state, batch), eval_step(params, batch) -> sums),
         pure functions.
       batch_shardings: (cfg, mesh) -> the shardings of a batch's arrays.
@@ -66,13 +72,24 @@ class SupervisedStage:
     """
 
     head: str
-    load_data: Callable
+    load: Callable
+    write_generated: Callable
     steps: Callable
     batch_shardings: Callable
     means: Callable[[dict], dict]
     work: Callable
     postfix: tuple = ("train/loss",)
     finish: Optional[Callable] = None
+
+
+def with_generated(data, out_dir: str, write: Callable):
+    """(the data section with generated files as its train/eval sources, their tokenizer's
+    directory), or (data, None) when it has no `synthetic` section."""
+    if getattr(data, "synthetic", None) is None:
+        return data, None
+    paths = write(data.synthetic, os.path.join(out_dir, "synthetic"))
+    data = dataclasses.replace(data, train=paths["train"], eval=paths["eval"] or data.eval)
+    return data, paths["tokenizer"]
 
 
 def compile_steps(stage: SupervisedStage, cfg: SupervisedConfig, model, tx, mesh,
@@ -94,7 +111,10 @@ class SupervisedJob:
 
     def __init__(self, cfg: SupervisedConfig, stage: SupervisedStage, mesh, log):
         self.cfg, self.stage, self.mesh, self.log = cfg, stage, mesh, log
-        self.tokenizer, self.train_data, self.held_out = stage.load_data(cfg)
+        data, generated_tokenizer = with_generated(cfg.data, cfg.out_dir, stage.write_generated)
+        self.tokenizer = tokenizer_for(cfg.model, cfg.model.path or generated_tokenizer)
+        self.train_data, self.held_out = stage.load(data, self.tokenizer, cfg.batch_size,
+                                                    cfg.seed)
         for part in (self.train_data, self.held_out):
             if part is not None:
                 log(part.summary)
