@@ -30,14 +30,16 @@ from rlhf_jax.data import DataConfig, PreferenceData, load_preferences
 from rlhf_jax.rl import losses
 from rlhf_jax.train import optim
 from rlhf_jax.train.loop import command, run
-from rlhf_jax.train.supervised import SupervisedConfig, SupervisedJob, SupervisedStage
+from rlhf_jax.train.supervised import (
+    GeneratedData, SupervisedConfig, SupervisedJob, SupervisedStage,
+)
 from rlhf_jax.world import preferences
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclasses.dataclass(frozen=True)
-class RMDataConfig(DataConfig):
+class RMDataConfig(GeneratedData, DataConfig):
     """The preference data (the fields of `rlhf_jax.data.DataConfig`), or generated ones.
 
     Attributes:
@@ -46,11 +48,6 @@ class RMDataConfig(DataConfig):
     """
 
     synthetic: Optional[preferences.SyntheticConfig] = None
-
-    GENERATED_HINT = " (or set data.synthetic)"
-
-    def generated(self) -> bool:
-        return self.synthetic is not None
 
 
 @dataclasses.dataclass(frozen=True)

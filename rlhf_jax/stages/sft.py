@@ -27,14 +27,16 @@ from rlhf_jax import sharding as shd
 from rlhf_jax.data.sft import SFTDataConfig, load_sft
 from rlhf_jax.train import optim
 from rlhf_jax.train.loop import command, run
-from rlhf_jax.train.supervised import SupervisedConfig, SupervisedJob, SupervisedStage
+from rlhf_jax.train.supervised import (
+    GeneratedData, SupervisedConfig, SupervisedJob, SupervisedStage,
+)
 from rlhf_jax.world import movies
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTStageDataConfig(SFTDataConfig):
+class SFTStageDataConfig(GeneratedData, SFTDataConfig):
     """The demonstrations (the fields of `rlhf_jax.data.sft.SFTDataConfig`), or generated ones.
 
     Attributes:
@@ -43,11 +45,6 @@ class SFTStageDataConfig(SFTDataConfig):
     """
 
     synthetic: Optional[movies.DemonstrationsConfig] = None
-
-    GENERATED_HINT = " (or set data.synthetic)"
-
-    def generated(self) -> bool:
-        return self.synthetic is not None
 
 
 @dataclasses.dataclass(frozen=True)

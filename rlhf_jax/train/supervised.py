@@ -82,6 +82,16 @@ class SupervisedStage:
     finish: Optional[Callable] = None
 
 
+class GeneratedData:
+    """Mixed into a stage's data section that declares `synthetic: Optional[<config>]`: data
+    generated from the built-in world (`rlhf_jax.world`) stand in for `train`/`eval`."""
+
+    GENERATED_HINT = " (or set data.synthetic)"
+
+    def generated(self) -> bool:
+        return self.synthetic is not None
+
+
 def with_generated(data, out_dir: str, write: Callable):
     """(the data section with generated files as its train/eval sources, their tokenizer's
     directory), or (data, None) when it has no `synthetic` section."""
