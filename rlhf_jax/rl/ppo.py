@@ -217,10 +217,8 @@ def train_step(
     loss_fn = functools.partial(ppo_loss, policy=policy, critic=critic, cfg=cfg)
 
     def update(state, mb):
-        grads, count, means = optim.accumulate_gradients(loss_fn, state.params, mb, cfg.grad_accum)
-        new_state, norms = optim.apply_gradients_if_finite(state, grads, tx, means["loss"])
-        finite = norms.pop("finite")  # not finite: the old state is kept
-        return new_state, {**means, **norms, "finite": finite.astype(jnp.float32)}
+        new_state, metrics, _ = optim.gradient_step(state, loss_fn, mb, tx, cfg.grad_accum)
+        return new_state, {**metrics, "finite": metrics["finite"].astype(jnp.float32)}
 
     def epoch(state, i):
         mbs = _minibatches(exp, jax.random.fold_in(rng, i), cfg.num_minibatches)

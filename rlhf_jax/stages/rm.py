@@ -147,13 +147,10 @@ def train_step(
       (new state, metrics): loss, bt_loss, accuracy, margin (means over pairs), grad_norm,
       update_norm, pairs (count) and finite.
     """
-    grads, count, means = optim.accumulate_gradients(
-        functools.partial(loss_fn, model=model, margin_scale=margin_scale, center_coef=center_coef),
-        state.params, batch, grad_accum,
-    )
-    new_state, norms = optim.apply_gradients_if_finite(state, grads, tx, means["loss"])
-    finite = norms.pop("finite")  # not finite: the old state is kept
-    return new_state, {**means, **norms, "pairs": count, "finite": finite}
+    loss = functools.partial(loss_fn, model=model, margin_scale=margin_scale,
+                             center_coef=center_coef)
+    new_state, metrics, count = optim.gradient_step(state, loss, batch, tx, grad_accum)
+    return new_state, {**metrics, "pairs": count}
 
 
 def eval_step(params: Any, batch: dict, *, model, margin_scale: float = 1.0,

@@ -125,12 +125,9 @@ def train_step(
       (new state, metrics): loss and accuracy (means over target tokens), grad_norm,
       update_norm, tokens (target count) and finite.
     """
-    grads, count, sums = optim.accumulate_gradients(
-        functools.partial(loss_fn, model=model), state.params, batch, grad_accum
-    )
-    new_state, norms = optim.apply_gradients_if_finite(state, grads, tx, sums["loss"])
-    finite = norms.pop("finite")  # not finite: the old state is kept
-    return new_state, {**sums, **norms, "tokens": count, "finite": finite}
+    new_state, metrics, count = optim.gradient_step(
+        state, functools.partial(loss_fn, model=model), batch, tx, grad_accum)
+    return new_state, {**metrics, "tokens": count}
 
 
 def eval_step(params: Any, batch: dict, *, model) -> dict:

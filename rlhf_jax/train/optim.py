@@ -154,6 +154,22 @@ def apply_gradients_if_finite(
     return new_state, {"grad_norm": grad_norm, "update_norm": update_norm, "finite": finite}
 
 
+def gradient_step(
+    state: TrainState, loss_fn: Callable, batch: Any, tx: optax.GradientTransformation,
+    num_microbatches: int = 1,
+) -> tuple[TrainState, dict, jax.Array]:
+    """One optimizer update from the mean of `loss_fn` over `batch` (`accumulate_gradients`),
+    skipped when not finite (`apply_gradients_if_finite`): the body of every stage's step.
+
+    Returns:
+      (new state, metrics: the metric means of `loss_fn`, grad_norm, update_norm and finite,
+      the count they are means over).
+    """
+    grads, count, means = accumulate_gradients(loss_fn, state.params, batch, num_microbatches)
+    new_state, norms = apply_gradients_if_finite(state, grads, tx, means["loss"])
+    return new_state, {**means, **norms}, count
+
+
 def split_microbatches(batch: Any, num: int) -> Any:
     """[B, ...] → [num, B/num, ...] for every leaf."""
     def one(x):
