@@ -3,7 +3,7 @@
 import pytest
 
 from rlhf_jax.train.throughput import (
-    Throughput, body_params, forward_flops, generate_flops, training_flops,
+    Throughput, Work, body_params, forward_flops, generate_flops, training_flops,
 )
 from rlhf_jax.world.tiny import tiny_config
 
@@ -38,10 +38,10 @@ def test_generate_flops_by_hand():
 
 def test_mfu_leaves_out_each_shapes_first_call():
     window = Throughput(ceiling_flops_per_s=100.0)
-    window.add(16, seconds=9.0, flops=50.0, counts={"tokens": 10}, slots=16)  # compiled
-    window.add(16, seconds=1.0, flops=50.0, counts={"tokens": 12}, slots=16)
-    window.add(32, seconds=5.0, flops=80.0, counts={"tokens": 30}, slots=32)  # compiled
-    window.add(16, seconds=1.0, flops=30.0, counts={"tokens": 4}, slots=16)
+    window.add(Work(16, 50.0, {"tokens": 10}, slots=16), seconds=9.0)  # compiled
+    window.add(Work(16, 50.0, {"tokens": 12}, slots=16), seconds=1.0)
+    window.add(Work(32, 80.0, {"tokens": 30}, slots=32), seconds=5.0)  # compiled
+    window.add(Work(16, 30.0, {"tokens": 4}, slots=16), seconds=1.0)
     out = window.metrics()
     assert out["perf/mfu"] == pytest.approx(80.0 / 2.0 / 100.0)
     assert out["perf/tokens_per_s"] == pytest.approx(16 / 2.0)

@@ -36,9 +36,10 @@ from rlhf_jax.train import optim
 from rlhf_jax.train.logging import drop_rows_after, format_table
 from rlhf_jax.train.loop import RunConfig, command, run
 from rlhf_jax.train.model_source import (
-    ModelOptions, check_vocab, load_model, require_model_dir, tokenizer_for,
+    check_vocab, load_model, require_model_dir, tokenizer_for,
 )
 from rlhf_jax.train.optim import OptimizerConfig
+from rlhf_jax.train.throughput import Work
 
 # ----------------------------------------------------------------------------- config
 
@@ -53,8 +54,8 @@ class PPORunConfig(RunConfig):
       reward_model: Hugging Face sequence-classification directory (ours or transformers').
       critic: directory the separate critic starts from (none = `reward_model`, as the
         reference implementations do); unused with `ppo.value_kind: shared`.
-      model: how the models are read and computed: tokenizer (none = `policy`'s), dtype,
-        remat, scan_layers (see `rlhf_jax.train.model_source.ModelOptions`).
+      model: (of RunConfig) its tokenizer defaults to `policy`'s; dtype, remat and
+        scan_layers apply to all four models.
       prompts: the prompt dataset.
       sampling: how responses are sampled (its temperature must equal ppo.temperature).
       ppo: PPO hyper-parameters (rlhf_jax.rl.ppo.PPOConfig).
@@ -71,7 +72,6 @@ class PPORunConfig(RunConfig):
     policy: str = ""
     reward_model: str = ""
     critic: Optional[str] = None
-    model: ModelOptions = ModelOptions()
     prompts: PromptDataConfig = PromptDataConfig(train="prompts.jsonl")
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=32)
     ppo: ppo.PPOConfig = ppo.PPOConfig()
@@ -186,7 +186,7 @@ class PPOJob:
 
     def work(self, k: int):
         flops = self.engine.iteration_flops(self.cfg.batch_size, self._shape, self._steps)
-        return self._shape, flops, {}
+        return Work(self._shape, flops)
 
     def log_row(self, k: int, metrics: dict) -> dict:
         return metrics

@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Hashable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 
@@ -36,9 +36,10 @@ from rlhf_jax.config import check
 from rlhf_jax.train import progress
 from rlhf_jax.train.checkpoint import CheckpointConfig
 from rlhf_jax.train.logging import MetricsLogger
+from rlhf_jax.train.model_source import ModelOptions
 from rlhf_jax.train.optim import OptimizerConfig
 from rlhf_jax.train.runner import GuardConfig, Runner, fail, run_command
-from rlhf_jax.train.throughput import Throughput
+from rlhf_jax.train.throughput import Throughput, Work
 
 Log = Callable[[str], None]
 
@@ -50,6 +51,7 @@ class RunConfig:
     Attributes:
       out_dir: where checkpoints, metrics, the resolved config and the export go.
       seed: seed of the initialisation, held-out split, data order and sampling.
+      model: how the run's models are read and computed (each stage says where they start).
       optim: optimizer and learning-rate schedule.
       mesh: device mesh (data, fsdp, tensor); -1 fills with the remaining devices.
       batch_size: global over hosts: rows (SFT) or preference pairs (RM) per optimizer
@@ -63,6 +65,7 @@ class RunConfig:
 
     out_dir: str = "runs/train"
     seed: int = 0
+    model: ModelOptions = ModelOptions()
     optim: OptimizerConfig = OptimizerConfig()
     mesh: tuple[int, int, int] = (1, -1, 1)
     batch_size: int = 32
@@ -103,9 +106,8 @@ class Job(Protocol):
         """Step k (from 1): (new state, metrics). Metrics named `loss`, `grad_norm` or
         `update_norm` (under any prefix) are guarded; values may stay on device."""
 
-    def work(self, k: int) -> tuple[Hashable, float, dict]:
-        """What step k computed: (the shape it compiled for, model FLOPs, counts such as
-        {"tokens": n}) for perf/*: throughput and MFU."""
+    def work(self, k: int) -> Work:
+        """What step k computed (shape, model FLOPs, counts) for perf/*: throughput, MFU."""
 
     def log_row(self, k: int, metrics: dict) -> dict[str, float]:
         """The metrics.jsonl row of step k (host floats, hierarchical names)."""
@@ -175,8 +177,7 @@ def _loop(cfg, job: Job, runner: Runner, logger: MetricsLogger, state, start: in
             if not runner.after_step(k, state, metrics, {"data_position": k}):
                 return state
             # after_step read the guarded metrics back, so the step is done: its time is whole
-            shape, flops, counts = job.work(k)
-            window.add(shape, time.perf_counter() - tick, flops, counts)
+            window.add(job.work(k), time.perf_counter() - tick)
             bar.update(1)
             if k % cfg.log_every == 0 or k == job.total:
                 row = {**job.log_row(k, metrics), **window.metrics()}

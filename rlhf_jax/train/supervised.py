@@ -22,7 +22,7 @@ from rlhf_jax.train.loop import RunConfig, prefixed
 from rlhf_jax.train.model_source import (
     ArchConfig, ModelConfig, check_vocab, load_model, tokenizer_for,
 )
-from rlhf_jax.train.throughput import training_flops
+from rlhf_jax.train.throughput import Work, training_flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +30,8 @@ class SupervisedConfig(RunConfig):
     """A supervised run (SFT, reward model): the fields of `RunConfig` and
 
     Attributes:
-      model: the starting model: a Hugging Face directory (model.path) or a fresh one
-        (model.init), and how it computes.
+      model: (of RunConfig) and where the model starts: a Hugging Face directory
+        (model.path) or a fresh one (model.init).
       grad_accum: microbatches per step (batch_size must divide by it).
       steps: optimizer steps; 0 = `epochs` passes over the training data.
       epochs: passes over the data when steps is 0.
@@ -150,7 +150,8 @@ class SupervisedJob:
     def work(self, k: int):
         length, rows, counts = self.stage.work(self._batch)
         logit_columns = length if self.stage.head == "lm" else 0
-        return length, training_flops(self.model.cfg, rows, length, logit_columns), counts
+        return Work(length, training_flops(self.model.cfg, rows, length, logit_columns),
+                    counts, slots=rows * length)
 
     def log_row(self, k: int, metrics: dict) -> dict:
         return {**prefixed(jax.device_get(metrics), "train"), "train/lr": float(self.lr(k - 1))}

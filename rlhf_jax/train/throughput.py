@@ -15,6 +15,7 @@ context T for every token, as the peers do. Padding counts: it is what the devic
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Hashable
 
 from rlhf_jax.models.config import TransformerConfig
@@ -53,13 +54,28 @@ def generate_flops(cfg: TransformerConfig, rows: int, prompt_width: int, steps: 
     return float(flops)
 
 
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What one step computed.
+
+    Attributes:
+      shape: what the step compiled for (its padded length, its prompt bucket): the first
+        step of each shape compiled, so it is not a sample.
+      flops: model FLOPs (see above).
+      counts: such as {"tokens": real tokens}, reported as perf/<name>_per_s.
+      slots: sequence slots computed, padding included (perf/fill = tokens / slots); 0 = none.
+    """
+
+    shape: Hashable
+    flops: float
+    counts: dict = dataclasses.field(default_factory=dict)
+    slots: float = 0.0
+
+
 class Throughput:
     """Counts per second and MFU over a logging window; calls that compiled are left out.
 
-    `add(shape, seconds, flops, counts)` records one step: `shape` names what the step
-    compiled for (its padded length, its prompt bucket): the first step of each shape
-    compiled, so it is not a sample. `counts` such as {"tokens": real tokens} are reported as
-    perf/<name>_per_s; `slots`, when given, makes perf/fill = tokens / slots.
+    `add(work, seconds)` records one step's `Work`.
     """
 
     def __init__(self, ceiling_flops_per_s: float):
@@ -71,15 +87,14 @@ class Throughput:
         self.seconds = self.flops = self.slots = 0.0
         self.counts: dict[str, float] = {}
 
-    def add(self, shape: Hashable, seconds: float, flops: float, counts: dict,
-            slots: float = 0.0) -> None:
-        if shape not in self.shapes:
-            self.shapes.add(shape)
+    def add(self, work: Work, seconds: float) -> None:
+        if work.shape not in self.shapes:
+            self.shapes.add(work.shape)
             return
         self.seconds += seconds
-        self.flops += flops
-        self.slots += slots
-        for k, v in counts.items():
+        self.flops += work.flops
+        self.slots += work.slots
+        for k, v in work.counts.items():
             self.counts[k] = self.counts.get(k, 0.0) + float(v)
 
     def metrics(self) -> dict[str, float]:
