@@ -239,3 +239,17 @@ def test_prompt_helpers_bucket_truncate_and_explain():
     assert gen.encode_prompts(Tok(), ["abcdef"], cfg, 8, truncate=True) == [[99, 100, 101, 102]]
     with pytest.raises(ValueError, match=r"prompt 2 has 6 tokens .* leave 4; .*--truncate"):
         gen.encode_prompts(Tok(), ["ab", "abcdef"], cfg, 8)
+
+
+def test_scanned_and_unrolled_layers_give_the_same_rollout(hf_checkpoint):
+    """`rlhf-jax generate` loads unrolled layers (no stacking on load, no slicing per call);
+    the rollout is the one of the scanned model."""
+    path, _ = hf_checkpoint("qwen2")
+    ids, mask = padded_batch((7, 3, 5, 1), 8)
+    outs = []
+    for scan in (True, False):
+        model, params = models.load_hf(path, scan_layers=scan)
+        outs.append(run(model, wide(params), ids, mask, seed=2, top_k=20, stop_at_eos=False))
+    np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+    np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
+    assert len(np.unique(outs[0].tokens)) > 8

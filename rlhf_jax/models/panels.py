@@ -38,7 +38,7 @@ from rlhf_jax.models.config import Family, TransformerConfig
 
 PANEL_WIDTH = 64  # columns per panel: 32 and 128 measured slower on CPU
 MAX_PANELS = 2048  # `panels_pay`: above this many, the compile time is not paid back
-MIN_CALLS = 8  # `panels_pay`: fewer calls of one program do not pay back its longer compile
+MIN_CALLS = 12  # `panels_pay`: fewer calls of one program do not pay back its longer compile
 _ALIGN = 64  # bytes; a less aligned host buffer is copied by `jax.device_put`
 _PANELS_PER_TASK = 16
 
@@ -121,13 +121,14 @@ def panels_pay(cfg: TransformerConfig, calls: Optional[int] = None) -> bool:
     Every panel is a dot of its own in the compiled decode step, and XLA:CPU's compile time
     grows faster than their number (a matrix cut into thousands of panels, as a large
     vocabulary's LM head is, costs most), while the gain is a share of every decode step.
-    Measured on the 2-core CPU of benchmarks/README.md (compile CPU seconds, steady calls):
-    the base benchmark model (12 layers, width 768, vocabulary 8 192: 1 424 panels)
-    compiles 2.9 s longer and runs a call of 16 rows × 64 tokens ~0.5 s faster, paid back
-    after 6–8 calls; a Qwen2-0.5B-shaped model (24 layers, width 896, vocabulary 151 936:
-    7 126 panels, 2 374 of them the LM head's) compiles 67 s longer for 0.27 s a call of
-    8 rows × 32 tokens, ~250 calls. So: panels for models of the base model's size and
-    vocabulary that decode many batches, not beyond.
+    Measured on the 2-core CPU of benchmarks/README.md (compile in CPU seconds, for scanned /
+    unrolled layers): the base benchmark model (12 layers, width 768, vocabulary 8 192:
+    1 424 panels) compiles 2.9 / 5.8 s longer and runs a call of 16 rows × 64 tokens ~0.5 s
+    faster (2.78 → 2.27 s), paid back after 6–12 calls; a Qwen2-0.5B-shaped model (24
+    layers, width 896, vocabulary 151 936: 7 126 panels, 2 374 of them the LM head's)
+    compiles 67 / 116 s longer for 0.27 s a call of 8 rows × 32 tokens, hundreds of calls.
+    So: panels for models of the base model's size and vocabulary that decode many
+    batches, not beyond.
     """
     return panel_count(cfg) <= MAX_PANELS and (calls is None or calls >= MIN_CALLS)
 
@@ -193,7 +194,8 @@ def cpu_decode_panels(cfg, params) -> Optional[dict]:
 
 
 class PanelCache:
-    """`cpu_decode_panels` of the last params seen (weak references: the panels go with the params)."""
+    """`cpu_decode_panels` of the last params seen (weak references: the panels go with the
+    params)."""
 
     def __init__(self, cfg):
         self.cfg = cfg

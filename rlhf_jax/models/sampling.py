@@ -216,10 +216,10 @@ def _trunk(module, ids, mask, cache):
 
 def _lm_head(model: nn.Module, params: Any) -> jax.Array:
     """The LM head as [D, V]: an untied head's kernel, or the tied embedding transposed once
-    per call, for prefill and decode. Inside the decode loop the LM head is then a plain [B, D] × [D, V] matmul
-    instead of one against the transposed [V, D] table, which XLA's CPU kernels run ~25%
-    slower at batch 16 (the loop boundary keeps XLA from folding the transpose back into
-    the dot)."""
+    per call, for prefill and decode. Inside the decode loop the LM head is then a plain
+    [B, D] × [D, V] matmul instead of one against the transposed [V, D] table, which XLA's
+    CPU kernels run ~25% slower at batch 16 (the loop boundary keeps XLA from folding the
+    transpose back into the dot)."""
     if model.cfg.tie_word_embeddings:
         return jnp.transpose(params["model"]["embed"]["embedding"])
     return params["lm_head"]["kernel"]
@@ -396,8 +396,8 @@ def make_generate_fn(
     column panels (rlhf_jax/models/panels.py): same tokens, decode steps ~27% shorter at
     91 M params (39 → 28 ms for 16 rows on 2 cores), for a host copy of the weights kept
     until the next params (cut once per params: 0.07 s at 91 M) and a longer first compile
-    (+2.9 s there, +67 s for a Qwen2-0.5B shape). None (the default) leaves the choice to
-    `panels.panels_pay(model.cfg)`: on for models up to the base benchmark model's size.
+    (+3–6 s there, +67–116 s for a Qwen2-0.5B shape). None (the default) leaves the choice
+    to `panels.panels_pay(model.cfg)`: on for models up to the base benchmark model's size.
     """
     pad = pad_token_id if pad_token_id is not None else model.cfg.pad_token_id
     fn = functools.partial(

@@ -175,7 +175,10 @@ def _load(args):
     cfg = _sampling_config(args)
     _check_causal_lm(args.model)
     prompts = read_prompts(args.prompts)
-    model, params = models.load_hf(args.model, head="lm", dtype=args.dtype)
+    # Unrolled layers: a scanned model would stack every layer's weights on load and `generate`
+    # would slice them apart again in every call (a copy, and one compiled kernel per slice).
+    # Qwen2-0.5B-shaped, 2 cores: load 5.5 -> 2.2 s, compile 10.6 -> 4.2 s (CPU time).
+    model, params = models.load_hf(args.model, head="lm", dtype=args.dtype, scan_layers=False)
     tokenizer = models.load_tokenizer(args.tokenizer or args.model)
     rows = encode_prompts(tokenizer, prompts, cfg, model.cfg.max_position_embeddings,
                           chat_template=args.chat_template, truncate=args.truncate)
