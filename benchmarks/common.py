@@ -35,7 +35,14 @@ ACCELERATOR_SHAPES = {
     "llama-1b": dict(num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8,
                      intermediate_size=8192, vocab_size=32000),
 }
-ALL_SHAPES = [*SHAPES, *ACCELERATOR_SHAPES]
+# A real-size model for CPU first-call times (named with --shape only; benchmarks/first_call.py):
+# Qwen2-0.5B's shape (24 layers, width 896, 14 query / 2 key-value heads, MLP 4864, a
+# 151 936-token vocabulary, tied embeddings): 494 M params, 2 GB in float32.
+REAL_SHAPES = {
+    "qwen2-0.5b": dict(num_layers=24, hidden_size=896, num_heads=14, num_kv_heads=2,
+                       intermediate_size=4864, vocab_size=151936),
+}
+ALL_SHAPES = [*SHAPES, *ACCELERATOR_SHAPES, *REAL_SHAPES]
 DTYPES = ("float32", "bfloat16")
 BATCH = 16
 PROMPT_LENGTHS = (16, 32)  # inclusive range of real prompt tokens
@@ -49,10 +56,15 @@ def log(msg: str) -> None:
 
 def model_config(shape: str) -> TransformerConfig:
     """The model of `shape`: GPT-2-shaped (MLP 4 × width, tied embeddings) for SHAPES,
-    Llama-shaped for ACCELERATOR_SHAPES; 256 positions. Params are float32 (what is saved);
-    a run in bfloat16 computes in it (`dtype` override at load)."""
+    Llama-shaped for ACCELERATOR_SHAPES (256 positions), Qwen2-shaped for REAL_SHAPES (Qwen2's
+    32 768 positions, RoPE base 10⁶, q/k/v biases). Params are float32 (what is saved); a run
+    in bfloat16 computes in it (`dtype` override at load)."""
     ids = dict(max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=PAD,
                bos_token_id=BOS, eos_token_id=EOS)
+    if shape in REAL_SHAPES:
+        ids["max_position_embeddings"] = 32768
+        return TransformerConfig(family="qwen2", qkv_bias=True, rope_theta=1e6, norm_eps=1e-6,
+                                 **REAL_SHAPES[shape], **ids)
     if shape in ACCELERATOR_SHAPES:
         return TransformerConfig(family="llama", qkv_bias=False, rope_theta=500000.0,
                                  **ACCELERATOR_SHAPES[shape], **ids)

@@ -17,10 +17,11 @@ accelerators (`rlhf_jax.sharding`). At small widths a decode step is per-op over
 two devices overlap; at base width it is memory-bound and each device streams the weights
 itself, so one device is faster. Both are reported; the ratio uses the faster.
 
-On CPU rlhf_jax decodes from column panels of the weights (rlhf_jax/models/panels.py), cut
-on the host once per set of params; every call here reuses them, as a run over many batches
-does. The cut is timed apart (`ours_panels_cut_s`) and `ratio_with_panel_cut` is the ratio if
-every call paid for one (as each PPO iteration does, with new params).
+On CPU rlhf_jax decodes from column panels of the weights (rlhf_jax/models/panels.py) where
+`panels.panels_pay` says they pay (the small and base shapes; not llama-1b's 6 388 panels),
+cut on the host once per set of params; every call here reuses them, as a run over many
+batches does. The cut is timed apart (`ours_panels_cut_s`) and `ratio_with_panel_cut` is the
+ratio if every call paid for one (as each PPO iteration does, with new params).
 
 The ceiling comes from `rlhf_jax.perf`, measured in this process: the best matmul rate over
 the model's matmul shapes and the streaming read bandwidth give the fastest a generate call
@@ -54,7 +55,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rlhf_jax.models import sampling as gen  # noqa: E402
-from rlhf_jax.models.panels import cpu_decode_panels  # noqa: E402
+from rlhf_jax.models.panels import cpu_decode_panels, panels_pay  # noqa: E402
 from rlhf_jax import models, perf  # noqa: E402
 from rlhf_jax import sharding as shd  # noqa: E402
 from rlhf_jax.host_memory import freeze_live_objects  # noqa: E402
@@ -169,7 +170,7 @@ def bench_shape(shape: str, repeats: int, tmp: str, dtype: str = "float32",
     # The machine's rates are measured between the timed calls too, so that they see the
     # same load as the calls (the machine may be shared).
     shapes = perf.matmul_shapes(cfg, BATCH) + perf.matmul_shapes(cfg, BATCH * width)
-    panels = cut_panels() is not None
+    panels = panels_pay(model.cfg) and cut_panels() is not None  # as make_generate_fn decides
     times = {"ours": [], **({"transformers": []} if peer else {}), "ours_prefill": [],
              **({"ours_dp": []} if dp else {}), **({"panels": []} if panels else {})}
     rates = {f"{m}x{k}x{n}": [] for m, k, n in shapes}
