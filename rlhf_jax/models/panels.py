@@ -123,10 +123,10 @@ def panels_pay(cfg: TransformerConfig, calls: Optional[int] = None) -> bool:
     vocabulary's LM head is, costs most), while the gain is a share of every decode step.
     Measured on the 2-core CPU of benchmarks/README.md (compile in CPU seconds, for scanned /
     unrolled layers): the base benchmark model (12 layers, width 768, vocabulary 8 192:
-    1 424 panels) compiles 2.9 / 5.8 s longer and runs a call of 16 rows × 64 tokens ~0.5 s
-    faster (2.78 → 2.27 s), paid back after 6–12 calls; a Qwen2-0.5B-shaped model (24
+    1 424 panels) compiles 2.9 / 5.8 s longer and runs a call of 16 rows × 64 tokens
+    0.3–0.5 s faster, paid back after 6–12 calls; a Qwen2-0.5B-shaped model (24
     layers, width 896, vocabulary 151 936: 7 126 panels, 2 374 of them the LM head's)
-    compiles 67 / 116 s longer for 0.27 s a call of 8 rows × 32 tokens, hundreds of calls.
+    compiles 67 / 116 s longer for 0.3–1.3 s a call of 8 rows × 32 tokens, 64–280 calls.
     So: panels for models of the base model's size and vocabulary that decode many
     batches, not beyond.
     """
