@@ -128,5 +128,5 @@ def test_an_option_is_answered_with_the_key_value_form(args, fix):
     proc = run_cli("rm", "--config", "configs/rm_tiny.yaml", *args)
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert "key=value, not options" in last and last.endswith(fix), proc.stderr
+    assert "key=value, not as options" in last and last.endswith(fix), proc.stderr
     assert "Traceback" not in proc.stderr and "unrecognized arguments" not in proc.stderr
