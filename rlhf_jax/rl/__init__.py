@@ -1,1 +1,2 @@
-"""Reinforcement learning from a reward: the engine (generate → score → advantages → update), advantage estimators, KL control and losses."""
+"""Reinforcement learning from a reward: the engine (generate → score → advantages →
+update), advantage estimators, KL control and losses."""

@@ -229,7 +229,8 @@ def _finish(job: SupervisedJob, params):
     return model, {"reward_gain": model.gain, "reward_bias": model.bias}
 
 
-STAGE = SupervisedStage(head="reward", load=load_preferences, write_generated=preferences.write_dataset, steps=_steps,
+STAGE = SupervisedStage(head="reward", load=load_preferences,
+                        write_generated=preferences.write_dataset, steps=_steps,
                         batch_shardings=batch_shardings, means=means, work=_work,
                         postfix=("train/loss", "train/accuracy"), finish=_finish)
 

@@ -163,8 +163,8 @@ def _work(batch: dict):
                   "target_tokens": batch["loss_mask"].sum()}
 
 
-STAGE = SupervisedStage(head="lm", load=load_sft, write_generated=movies.write_demonstrations, steps=_steps,
-                        batch_shardings=_batch_shardings, means=means, work=_work)
+STAGE = SupervisedStage(head="lm", load=load_sft, write_generated=movies.write_demonstrations,
+                        steps=_steps, batch_shardings=_batch_shardings, means=means, work=_work)
 
 
 def train(cfg: SFTConfig, log: Callable[[str], None] = print, progress_desc: str = "sft") -> dict:

@@ -1,1 +1,2 @@
-"""The frame every stage shares: optimizer and train state, checkpoints, the run loop, resume and guards, metrics."""
+"""The frame every stage shares: optimizer and train state, checkpoints, the run loop, resume
+and guards, metrics, progress."""

@@ -7,8 +7,8 @@
 `metrics.jsonl` holds one `{"step": n, ...}` object per `log` call, in order. A resumed run
 passes the step it resumed from: rows logged after that step by the interrupted run are
 dropped, so the file reads as if the run had never stopped (and TensorBoard is told to hide
-the interrupted run's events past that step); a fresh run starts both records afresh. Values are floats; NaN and inf
-are written as the strings "nan" / "inf" / "-inf" so every row stays valid JSON.
+the interrupted run's events past that step); a fresh run starts both records afresh. Values
+are floats; NaN and inf are written as the strings "nan" / "inf" / "-inf" so every row stays valid JSON.
 """
 
 from __future__ import annotations

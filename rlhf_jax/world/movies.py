@@ -169,8 +169,8 @@ def write_demonstrations(cfg: DemonstrationsConfig, directory: str) -> dict[str,
         demos = demonstrations(rng, n)
         if paths[name]:
             with open(paths[name], "w") as f:
-                f.writelines(json.dumps(demonstration_row(d["prompt"], d["completion"], cfg.format)) + "\n"
-                             for d in demos)
+                f.writelines(json.dumps(demonstration_row(d["prompt"], d["completion"],
+                                                          cfg.format)) + "\n" for d in demos)
     train_tokenizer(tokenizer_texts(rng, 1000), cfg.vocab_size, paths["tokenizer"])
     with open(done, "w") as f:
         json.dump(want, f)
