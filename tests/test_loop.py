@@ -69,7 +69,8 @@ def test_resume_refuses_a_changed_config_and_keeps_every_start(tmp_path):
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     events = os.listdir(out / "tensorboard")
     assert len([e for e in events if e.startswith("events.out")]) == 1, events
-    assert [r["step"] for r in read_jsonl(str(out / "metrics.jsonl")) if "train/loss" in r] == [1, 2]
+    rows = read_jsonl(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
 
 
 def test_a_missing_model_directory_names_its_key(ppo_inputs, tmp_path):
@@ -82,9 +83,10 @@ def test_a_missing_model_directory_names_its_key(ppo_inputs, tmp_path):
     assert "tokenizer" not in line
 
 
-def test_bfloat16_on_cpu_is_said_to_be_slower(tmp_path):
+def test_bfloat16_on_cpu_is_said_to_be_slower(ppo_inputs, tmp_path):
     # The warning comes before anything is loaded: a run stopped by its data still shows it.
     proc = run_cli(*RM, f"out_dir={tmp_path}", "model.dtype=bfloat16", "data.synthetic=null",
+                   f"model.tokenizer={ppo_inputs / 'tok'}",
                    f"data.train={tmp_path / 'missing.jsonl'}")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "warning: dtype bfloat16 on the CPU runs slower than float32" in proc.stdout
