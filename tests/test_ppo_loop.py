@@ -187,9 +187,10 @@ def test_cli_end_to_end_and_export(ppo_inputs, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("env/score", "env/kl", "env/non_score_reward", "ppo/entropy", "ppo/clipfrac",
                 "ppo/approx_kl", "ppo/value_loss", "env/explained_variance",
-                "env/response_length", "time/generate", "time/score", "time/update",
-                "perf/tokens_per_s"):
+                "env/response_length", "time/generate", "time/score", "time/advantages",
+                "time/update", "perf/tokens_per_s", "perf/mfu"):
         assert key in rows[-1] and np.isfinite(rows[-1][key]), key
+    assert 0 < rows[-1]["perf/mfu"] < 1 and "perf/mfu" not in rows[0]  # iteration 1 compiled
 
 
 @pytest.mark.parametrize("override,needle", [
