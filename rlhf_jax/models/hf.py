@@ -316,37 +316,64 @@ def _to_device(host: dict, model, abstract, mesh, rules):
     return shd.place(host, shd.shardings_for(abstract, mesh, rules))
 
 
-def params_to_hf(model: nn.Module, params: Any) -> dict[str, np.ndarray]:
-    """Our params → Hugging Face tensor names and layouts (float32 numpy)."""
+def host_array(x) -> np.ndarray:
+    """A param as a float32 numpy array on this host. An array split over several processes
+    is gathered (every process must call this, in the same order); anything else is copied
+    from its devices."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x), np.float32)
+
+
+def hf_tensors(model: nn.Module, params: Any) -> list[tuple[str, tuple, Any]]:
+    """(Hugging Face name, shape, fetch) of every exported tensor, sorted by name; `fetch()`
+    brings that one tensor to this host (`host_array` of its parts, a scanned layer's slice
+    only), so an export holds one tensor at a time, never the whole model."""
     cfg, head = model.cfg, head_of(model)
-    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+    abstract = abstract_params(model)
     prefix = _trunk_prefix(cfg)
-    out: dict[str, np.ndarray] = {}
+    out = []
     for entry in _top_entries(cfg, head):
-        out[entry.hf] = _ours_to_hf(entry, [_get(host, p) for p in entry.ours])
+        def fetch(entry=entry):
+            return _ours_to_hf(entry, [host_array(_get(params, p)) for p in entry.ours])
+        out.append((entry.hf, _expected_shape(abstract, cfg, entry, None), fetch))
     for entry in _layer_entries(cfg):
         for i in range(cfg.num_layers):
-            parts = [_get(host, _layer_path(cfg, i, p)) for p in entry.ours]
-            if cfg.scan_layers:
-                parts = [x[i] for x in parts]
-            out[prefix + entry.hf.format(i=i)] = _ours_to_hf(entry, parts)
+            def fetch(entry=entry, i=i):
+                parts = [_get(params, _layer_path(cfg, i, p)) for p in entry.ours]
+                return _ours_to_hf(entry, [host_array(x[i] if cfg.scan_layers else x)
+                                           for x in parts])
+            out.append((prefix + entry.hf.format(i=i), _expected_shape(abstract, cfg, entry, i),
+                        fetch))
     if head == "reward":
-        _fold_reward_normalisation(model, out, prefix)
-    return out
+        out = _fold_reward_normalisation(model, out, prefix)
+    return sorted(out, key=lambda t: t[0])
 
 
-def _fold_reward_normalisation(model: RewardModel, out: dict, prefix: str) -> None:
+def params_to_hf(model: nn.Module, params: Any) -> dict[str, np.ndarray]:
+    """Our params → Hugging Face tensor names and layouts (float32 numpy), all at once."""
+    return {name: fetch() for name, _, fetch in hf_tensors(model, params)}
+
+
+def _fold_reward_normalisation(model: RewardModel, tensors: list, prefix: str) -> list:
     """Folds score = gain·(w·h) + bias into the exported weights.
 
     gain scales w. A bias fits only where the final norm has one (GPT-2's LayerNorm β):
     adding bias·w/|w|² to β adds exactly `bias` to w·h. Elsewhere it stays in config.json
     (`SCORE_BIAS_KEY`), which we read back; transformers' raw scores then lack that constant.
     """
-    w = out["score.weight"] * model.gain  # [1, D]
-    out["score.weight"] = w.astype(np.float32)
+    fetches = {name: fetch for name, _, fetch in tensors}
+    score_w = lambda: (fetches["score.weight"]() * model.gain).astype(np.float32)  # noqa: E731
+    new = {"score.weight": score_w}
     if model.bias and model.cfg.family == Family.GPT2:
-        beta = out[prefix + "ln_f.bias"]
-        out[prefix + "ln_f.bias"] = (beta + model.bias * w[0] / np.dot(w[0], w[0])).astype(np.float32)
+        def ln_f_bias():
+            w = score_w()  # [1, D]
+            beta = fetches[prefix + "ln_f.bias"]()
+            return (beta + model.bias * w[0] / np.dot(w[0], w[0])).astype(np.float32)
+        new[prefix + "ln_f.bias"] = ln_f_bias
+    return [(name, shape, new.get(name, fetch)) for name, shape, fetch in tensors]
 
 
 def save_hf(
@@ -358,56 +385,71 @@ def save_hf(
 ) -> None:
     """Writes a Hugging Face model directory (config.json, safetensors, tokenizer if given).
 
-    A `CausalLMWithValueHead` is written as a causal LM plus `value_head.safetensors`.
+    Files above `max_shard_bytes` are split into shards with `model.safetensors.index.json`,
+    as transformers writes them. Tensors are fetched and written one at a time. With params
+    split over several processes every process must call this (each tensor is gathered
+    collectively); only process 0 writes. A `CausalLMWithValueHead` is written as a causal
+    LM plus `value_head.safetensors`.
     """
-    os.makedirs(path, exist_ok=True)
+    writer = jax.process_index() == 0
     cfg, head = model.cfg, head_of(model)
     arch = SEQ_CLS_ARCH[cfg.family] if head == "reward" else CAUSAL_LM_ARCH[cfg.family]
     hf_cfg = to_hf_config(cfg, arch)
     if head == "reward" and model.bias and cfg.family != Family.GPT2:
         hf_cfg[SCORE_BIAS_KEY] = float(model.bias)
-        log.warning(
-            "%s cannot hold the reward bias %.4g in its score head; it is stored as %s in "
-            "config.json (rlhf_jax applies it; transformers' raw scores lack it)",
-            arch, model.bias, SCORE_BIAS_KEY,
-        )
-    tensors = params_to_hf(model, params)
-    _write_shards(path, tensors, max_shard_bytes)
+        if writer:
+            log.warning(
+                "%s cannot hold the reward bias %.4g in its score head; it is stored as %s in "
+                "config.json (rlhf_jax applies it; transformers' raw scores lack it)",
+                arch, model.bias, SCORE_BIAS_KEY,
+            )
+    if writer:
+        os.makedirs(path, exist_ok=True)
+    _write_shards(path, hf_tensors(model, params), max_shard_bytes, writer)
+    value_head = ({"v_head.weight": host_array(params["value_head"]["kernel"]).T.copy(),
+                   "v_head.bias": host_array(params["value_head"]["bias"])}
+                  if head == "lm+value" else None)
+    if not writer:
+        return
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
-    if head == "lm+value":
-        vh = jax.device_get(params["value_head"])
-        safetensors_io.write(
-            os.path.join(path, VALUE_HEAD_FILE),
-            {"v_head.weight": np.asarray(vh["kernel"], np.float32).T.copy(),
-             "v_head.bias": np.asarray(vh["bias"], np.float32)},
-        )
+    if value_head is not None:
+        safetensors_io.write(os.path.join(path, VALUE_HEAD_FILE), value_head)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
 
-def _write_shards(path: str, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
-    shards: list[dict] = [{}]
+def _write_shards(path: str, tensors: list, max_shard_bytes: int, writer: bool) -> None:
+    """Streams `hf_tensors` into one safetensors file, or shards of at most `max_shard_bytes`
+    (a larger tensor gets a shard of its own) with their index; files only where `writer`."""
+    shards: list[list] = [[]]
     size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].nbytes
+    for name, shape, fetch in tensors:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * 4
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensors[name]
+        shards[-1].append((name, shape, fetch))
         size += nbytes
-    for stale in ("model.safetensors", "model.safetensors.index.json"):
-        if os.path.exists(os.path.join(path, stale)):
-            os.remove(os.path.join(path, stale))
-    if len(shards) == 1:
-        safetensors_io.write(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+    if writer:
+        for stale in ("model.safetensors", "model.safetensors.index.json"):
+            if os.path.exists(os.path.join(path, stale)):
+                os.remove(os.path.join(path, stale))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)])
+    for fname, shard in zip(names, shards):
+        arrays = (fetch() for _, _, fetch in shard)  # fetched by every process, in order
+        if writer:
+            safetensors_io.write_streamed(os.path.join(path, fname),
+                                          [(n, shape, np.float32) for n, shape, _ in shard],
+                                          arrays, {"format": "pt"})
+        else:
+            for _ in arrays:
+                pass
+    if len(shards) == 1 or not writer:
         return
-    weight_map = {}
-    for n, shard in enumerate(shards, 1):
-        fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        safetensors_io.write(os.path.join(path, fname), shard, {"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.nbytes for t in tensors.values())
+    weight_map = {name: fname for fname, shard in zip(names, shards) for name, _, _ in shard}
+    total = sum(int(np.prod(shape, dtype=np.int64)) * 4 for _, shape, _ in tensors)
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 

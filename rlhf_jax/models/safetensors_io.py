@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -77,29 +77,39 @@ class SafetensorsFile:
 
 def write(path: str, tensors: Mapping[str, np.ndarray], metadata: Optional[dict] = None) -> None:
     """Writes `tensors` to `path` (through a temporary file, so a crash leaves no half file)."""
+    names = sorted(tensors)
+    arrays = [np.ascontiguousarray(tensors[name]) for name in names]
+    write_streamed(path, [(n, a.shape, a.dtype) for n, a in zip(names, arrays)], iter(arrays),
+                   metadata)
+
+
+def write_streamed(path: str, specs: Sequence[tuple[str, tuple, np.dtype]],
+                   arrays: Iterable[np.ndarray], metadata: Optional[dict] = None) -> None:
+    """Writes tensors whose names, shapes and dtypes are known up front (`specs`, in file
+    order) while their data arrive one array at a time (`arrays`, in the same order), so no
+    more than one tensor is in memory. Through a temporary file, like `write`."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    arrays = {}
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        if arr.dtype not in _NAMES:
-            raise ValueError(f"tensor {name}: dtype {arr.dtype} cannot be written to safetensors")
-        arrays[name] = arr
-        header[name] = {
-            "dtype": _NAMES[arr.dtype],
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + arr.nbytes],
-        }
-        offset += arr.nbytes
+    for name, shape, dtype in specs:
+        dtype = np.dtype(dtype)
+        if dtype not in _NAMES:
+            raise ValueError(f"tensor {name}: dtype {dtype} cannot be written to safetensors")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for arr in arrays.values():
+        for (name, shape, dtype), arr in zip(specs, arrays):
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+            if arr.shape != tuple(shape):
+                raise ValueError(f"tensor {name}: got shape {arr.shape}, announced {shape}")
             f.write(arr.tobytes())
     os.replace(tmp, path)
 

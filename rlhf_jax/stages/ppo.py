@@ -201,8 +201,7 @@ class PPOJob:
         return {}
 
     def export(self, state, directory: str) -> None:
-        models.save_hf(directory, self.policy, jax.device_get(state.train.params["policy"]),
-                       self.tokenizer)
+        models.save_hf(directory, self.policy, state.train.params["policy"], self.tokenizer)
 
     def _sample_rows(self, rows, rollout, scores, n: int) -> list[dict]:
         tokens, lengths, scores = jax.device_get((rollout.tokens, rollout.lengths, scores))

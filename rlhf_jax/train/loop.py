@@ -120,7 +120,8 @@ class Job(Protocol):
         the final checkpoint."""
 
     def export(self, state: Any, directory: str) -> None:
-        """Writes the trained model in Hugging Face format (called on process 0 only)."""
+        """Writes the trained model in Hugging Face format (`models.save_hf`: called on every
+        process, process 0 writes)."""
 
 
 def prefixed(metrics: dict, prefix: str) -> dict[str, float]:
@@ -158,9 +159,10 @@ def run(cfg: RunConfig, setup: Callable[[Any, Any, Log], Job], ceiling_flops_per
             meta = job.finish(state)
             runner.finish(job.total, state, {"data_position": job.total, **meta})
     export = os.path.join(cfg.out_dir, "export")
-    if cfg.export and jax.process_index() == 0:
+    if cfg.export:  # every process: tensors split over hosts are gathered one at a time
         job.export(state, export)
-        log(f"exported the model to {export}")
+        if jax.process_index() == 0:
+            log(f"exported the model to {export}")
     return {"eval": result, "steps": job.total, "job": job,
             "export": export if cfg.export else None, "wall_s": time.perf_counter() - wall}
 

@@ -172,4 +172,4 @@ class SupervisedJob:
         return self.meta
 
     def export(self, state, directory: str) -> None:
-        models.save_hf(directory, self.model, jax.device_get(state.params), self.tokenizer)
+        models.save_hf(directory, self.model, state.params, self.tokenizer)
