@@ -150,10 +150,15 @@ def init_params(
 
 
 def place(host_arrays: Any, shardings: Any) -> Any:
-    """Host numpy arrays → global jax Arrays in `shardings`; each device gets only its slice."""
+    """Host arrays → global jax Arrays in `shardings`; each device gets only its slice.
+
+    A leaf may be anything with `shape` and numpy indexing (a memory map, a lazily read
+    checkpoint param): only the slices this process's devices hold are indexed.
+    """
     def one(x, sharding):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        x = x if hasattr(x, "shape") and hasattr(x, "__getitem__") else np.asarray(x)
+        return jax.make_array_from_callback(tuple(x.shape), sharding,
+                                            lambda idx: np.asarray(x[idx]))
 
     return jax.tree_util.tree_map(one, host_arrays, shardings)
 

@@ -138,6 +138,33 @@ def test_export_of_sharded_params_equals_the_export_of_host_params(tmp_path, sca
         assert (tmp_path / "placed" / name).read_bytes() == (tmp_path / "host" / name).read_bytes()
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_sharded_load_reads_only_the_slices_devices_hold(hf_checkpoint, monkeypatch, scan_layers):
+    """Placed on a mesh, each param is read from the files slice by slice, as the devices
+    hold it (on several hosts each reads only its own): no split param is read whole, every
+    element of it once; and the params equal those of a plain load."""
+    from rlhf_jax import sharding as shd
+    from rlhf_jax.models import hf
+
+    path, _ = hf_checkpoint("llama", "lm")
+    reads = []
+    original = hf.LazyParam.__getitem__
+
+    def recording(self, idx):
+        out = original(self, idx)
+        reads.append((self.shape, out.shape))
+        return out
+
+    monkeypatch.setattr(hf.LazyParam, "__getitem__", recording)
+    mesh = shd.make_mesh((1, 8, 1))
+    _, placed = models.load_hf(path, mesh=mesh, scan_layers=scan_layers)
+    _, plain = models.load_hf(path, scan_layers=scan_layers)
+    split = [(full, got) for full, got in reads if got != full]
+    assert split and all(np.prod(got) * 8 == np.prod(full) for full, got in split)
+    for x, y in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_bfloat16_checkpoint_loads(hf_checkpoint):
     path, torch_model = hf_checkpoint("qwen2", "lm")
     bf16_model = torch_model.to(torch.bfloat16)

@@ -256,7 +256,7 @@ def load_hf(
     files = safetensors_io.CheckpointFiles(path)
     prefix = _trunk_prefix(cfg)
 
-    def read(entry: Entry, i: Optional[int]) -> np.ndarray:
+    def file_name(entry: Entry, i: Optional[int]) -> str:
         name = entry.hf if i is None else prefix + entry.hf.format(i=i)
         if name not in files and name.startswith(prefix) and name[len(prefix):] in files:
             name = name[len(prefix):]  # a bare trunk checkpoint (GPT2Model, LlamaModel)
@@ -267,24 +267,78 @@ def load_hf(
             raise ModelFileError(
                 f"{path}: tensor {name} has shape {files.shape(name)} but the config implies {want}"
             )
-        return files.get(name)
+        return name
 
     host: dict = {}
     for entry in _top_entries(cfg, head):
         if entry.ours[0][0] == "score" and entry.hf not in files:
             continue  # a causal LM loaded as a reward model: new head below
-        for p, x in zip(entry.ours, _hf_to_ours(entry, read(entry, None))):
-            _set(host, p, x)
+        name = file_name(entry, None)
+        for j, p in enumerate(entry.ours):
+            _set(host, p, LazyParam.of(files, [name], entry, j, stacked=False))
     for entry in _layer_entries(cfg):
-        per_layer = [_hf_to_ours(entry, read(entry, i)) for i in range(cfg.num_layers)]
+        names = [file_name(entry, i) for i in range(cfg.num_layers)]
         for j, p in enumerate(entry.ours):
             if cfg.scan_layers:
-                _set(host, _layer_path(cfg, 0, p), np.stack([parts[j] for parts in per_layer]))
+                _set(host, _layer_path(cfg, 0, p), LazyParam.of(files, names, entry, j, True))
             else:
-                for i, parts in enumerate(per_layer):
-                    _set(host, _layer_path(cfg, i, p), parts[j])
+                for i, name in enumerate(names):
+                    _set(host, _layer_path(cfg, i, p), LazyParam.of(files, [name], entry, j,
+                                                                    False))
     _add_missing_heads(host, abstract, path, seed)
     return model, _to_device(host, model, abstract, mesh, rules)
+
+
+class LazyParam:
+    """One of our params, read from the checkpoint's files only where indexed: `param[idx]`
+    reads just that slice (float32), so placing params sharded reads on each process only
+    the slices its devices hold, never the whole model. `np.asarray(param)` reads it all.
+
+    Our param is part `part` of the file tensors' last axis after the entry's transpose;
+    `stacked` puts one file tensor per layer along a new first axis (scanned layers).
+    """
+
+    def __init__(self, shape: tuple, read):
+        self.shape, self.ndim, self._read = tuple(shape), len(shape), read
+        self.dtype = np.dtype(np.float32)
+
+    @classmethod
+    def of(cls, files, names: list, entry: Entry, part: int, stacked: bool) -> "LazyParam":
+        hf_shape = files.shape(names[0])
+        ours = hf_shape[::-1] if entry.transpose else hf_shape
+        width = ours[-1] // len(entry.ours)
+        shape = (*ours[:-1], width)
+
+        def one(name: str, idx: tuple) -> np.ndarray:
+            idx = _expand(idx, len(shape))
+            last = idx[-1]
+            start, stop, step = last.indices(width)
+            idx = (*idx[:-1], slice(part * width + start, part * width + stop, step))
+            data = files.get(name)
+            x = data[idx[::-1]].T if entry.transpose else data[idx]
+            return np.asarray(x, np.float32)
+
+        if not stacked:
+            return cls(shape, lambda idx: one(names[0], idx))
+
+        def read(idx) -> np.ndarray:
+            idx = _expand(idx, len(shape) + 1)
+            return np.stack([one(names[i], idx[1:]) for i in range(len(names))[idx[0]]])
+
+        return cls((len(names), *shape), read)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return self._read(idx)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        x = self._read(())
+        return x if dtype is None else x.astype(dtype)
+
+
+def _expand(idx, ndim: int) -> tuple:
+    """An index as `ndim` slices (integers are not used by sharded placement)."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    return tuple(idx) + (slice(None),) * (ndim - len(idx))
 
 
 def _add_missing_heads(host: dict, abstract: dict, path: str, seed: int) -> None:
@@ -312,7 +366,7 @@ def _to_device(host: dict, model, abstract, mesh, rules):
     if got != want:  # a table bug, not a user error: say which params differ
         raise AssertionError(f"loaded param tree differs from the model's: {got} vs {want}")
     if mesh is None:
-        return jax.tree_util.tree_map(jnp.asarray, host)
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), host)
     return shd.place(host, shd.shardings_for(abstract, mesh, rules))
 
 
