@@ -16,7 +16,11 @@ top back (~500 000 faults, ~1 s of a 6.3 s step). Memory the process has used st
 reserved for it until it exits, as with the caching allocators of GPU runtimes.
 
 The CLI and the benchmark scripts call it at start-up; a program that imports the training
-steps may call it itself. It does nothing (returns False) where libc is not glibc.
+steps may call it itself. It does nothing (returns False) where libc is not glibc, and where
+JAX will run on a GPU or TPU (`jax_backend`): there the step's buffers live in the
+accelerator runtime's own memory pool, which already reuses them, and the host's memory
+(input pipelines, checkpoint and export I/O) keeps glibc's defaults, which hand large freed
+blocks back to the system.
 
 `freeze_live_objects()` is the same idea for Python's cyclic garbage collector: the objects
 alive after start-up (imported modules, loaded configs and models) are never garbage, yet
@@ -30,7 +34,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import glob
+import importlib.util
+import os
+import pathlib
+import pkgutil
 import sys
+from typing import Mapping
 
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -41,12 +51,66 @@ _M_ARENA_MAX = -8
 _applied = False
 
 
-def retain_freed_memory() -> bool:
-    """Configure glibc malloc as described above; True when it was (or already is) applied."""
+# What JAX's own start-up checks before it tries a platform (jax/_src/hardware_utils.py).
+_GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+_TPU_PCI_VENDOR = "0x1ae0"  # Google
+
+
+def jax_backend(environ: Mapping[str, str] = os.environ) -> str:
+    """The platform JAX's default backend will be: "cpu", "gpu", "tpu", or the first name in
+    JAX_PLATFORMS; decided without starting a backend, or importing jax.
+
+    JAX_PLATFORMS (or the older JAX_PLATFORM_NAME), when set, decides: its first entry is
+    tried first. Otherwise JAX prefers a TPU, then a GPU, over the CPU, and uses one only
+    where both its plugin is installed (libtpu; a `jax_plugins` CUDA or ROCm plugin) and the
+    device is there; so does this.
+    """
+    requested = environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or ""
+    first = requested.split(",")[0].strip().lower()
+    if first:
+        return "gpu" if first in ("cuda", "rocm") else first
+    if _tpu_plugin(environ) and _tpu_chip():
+        return "tpu"
+    if _gpu_plugin() and any(os.path.exists(path) for path in _GPU_DEVICE_FILES):
+        return "gpu"
+    return "cpu"
+
+
+def _tpu_plugin(environ: Mapping[str, str]) -> bool:
+    return (os.path.isfile(environ.get("TPU_LIBRARY_PATH", ""))
+            or importlib.util.find_spec("libtpu") is not None)
+
+
+def _tpu_chip() -> bool:
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if pathlib.Path(vendor).read_text().strip() == _TPU_PCI_VENDOR:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _gpu_plugin() -> bool:
+    """A CUDA or ROCm plugin in the `jax_plugins` namespace or entry points (how JAX finds
+    them: jax/_src/xla_bridge.py, `discover_pjrt_plugins`)."""
+    names = []
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        names += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+    from importlib.metadata import entry_points
+
+    names += [e.name + " " + e.value for e in entry_points(group="jax_plugins")]
+    return any("cuda" in n.lower() or "rocm" in n.lower() for n in names)
+
+
+def retain_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
+    """Configure glibc malloc as described above where JAX will run on the CPU; True when it
+    was (or already is) applied, False on a GPU or TPU host and where libc is not glibc."""
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or jax_backend(environ) != "cpu":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -3,6 +3,7 @@ frozen start-up objects leave the garbage collector's scans."""
 
 import gc
 import json
+import os
 import subprocess
 import sys
 import weakref
@@ -174,3 +175,57 @@ def test_freeze_live_objects_freezes_what_is_alive_and_collects_garbage_first():
     finally:
         gc.unfreeze()
     assert any(o is alive for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"JAX_PLATFORMS": "cpu"}, "cpu"),
+    ({"JAX_PLATFORMS": "cuda"}, "gpu"),
+    ({"JAX_PLATFORMS": "rocm,cpu"}, "gpu"),  # the first entry is tried first
+    ({"JAX_PLATFORMS": "tpu,cpu"}, "tpu"),
+    ({"JAX_PLATFORM_NAME": "cpu"}, "cpu"),
+])
+def test_jax_platforms_decides_the_backend(monkeypatch, environ, expected):
+    monkeypatch.setattr(host_memory, "_gpu_plugin", lambda: pytest.fail("not asked"))
+    assert host_memory.jax_backend(environ) == expected
+
+
+@pytest.mark.parametrize("tpu_plugin, tpu_chip, gpu_plugin, gpu_device, expected", [
+    (False, False, False, False, "cpu"),
+    (False, False, True, False, "cpu"),  # a CUDA plugin on a machine without a GPU
+    (False, False, True, True, "gpu"),
+    (True, False, False, False, "cpu"),  # libtpu without a TPU chip
+    (True, True, True, True, "tpu"),  # JAX prefers the TPU
+])
+def test_without_jax_platforms_the_backend_needs_its_plugin_and_its_device(
+        monkeypatch, tpu_plugin, tpu_chip, gpu_plugin, gpu_device, expected):
+    monkeypatch.setattr(host_memory, "_tpu_plugin", lambda environ: tpu_plugin)
+    monkeypatch.setattr(host_memory, "_tpu_chip", lambda: tpu_chip)
+    monkeypatch.setattr(host_memory, "_gpu_plugin", lambda: gpu_plugin)
+    exists = host_memory.os.path.exists
+    monkeypatch.setattr(host_memory.os.path, "exists",
+                        lambda p: gpu_device if p == "/dev/nvidia0" else
+                        (False if p in host_memory._GPU_DEVICE_FILES else exists(p)))
+    assert host_memory.jax_backend({}) == expected
+
+
+def test_the_decision_is_the_backend_jax_starts_on_this_machine():
+    code = ("import jax; from rlhf_jax.host_memory import jax_backend; "
+            "print(jax_backend(), jax.default_backend())")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    decided, started = out.stdout.split()
+    assert decided == started
+
+
+@pytest.mark.parametrize("platforms", ["cuda", "tpu"])
+def test_the_allocator_settings_stay_off_where_jax_runs_on_an_accelerator(monkeypatch,
+                                                                          platforms):
+    libc = FakeLibc(1)
+    monkeypatch.setattr(host_memory, "_applied", False)
+    monkeypatch.setattr(host_memory.sys, "platform", "linux")
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: libc)
+    assert host_memory.retain_freed_memory({"JAX_PLATFORMS": platforms}) is False
+    assert libc.calls == []
+    assert host_memory.retain_freed_memory({"JAX_PLATFORMS": "cpu"}) is True
+    assert libc.calls
