@@ -18,7 +18,10 @@ COMMANDS = {
     "rm": ("rlhf_jax.stages.rm", "train a reward model on preference pairs"),
     "ppo": ("rlhf_jax.stages.ppo", "fine-tune a policy with PPO against a reward model"),
     "generate": ("rlhf_jax.tools.generate", "sample completions for a file of prompts"),
+    "launch": ("rlhf_jax.tools.launch", "run a command as several processes on this machine"),
 }
+# Commands that run no JAX in their own process: none of the start-up below applies to them.
+WITHOUT_JAX = ("launch",)
 
 
 CACHE_ENV = "RLHF_JAX_COMPILE_CACHE"
@@ -105,13 +108,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         print(f"rlhf-jax: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name in WITHOUT_JAX:
+        return int(importlib.import_module(COMMANDS[name][0]).cli(rest) or 0)
+    from rlhf_jax.distributed import exit_promptly_on_failure
     from rlhf_jax.host_memory import freeze_live_objects, retain_freed_memory
 
     retain_freed_memory()  # before the first XLA buffer: no page faults per step
     use_compile_cache()
     module = importlib.import_module(COMMANDS[name][0])
     freeze_live_objects()  # the imports: full garbage collections stop rescanning them
-    return int(module.cli(rest) or 0)
+    # One of several processes that fails leaves at once: JAX's exit would wait for the others.
+    return exit_promptly_on_failure(lambda: int(module.cli(rest) or 0))
 
 
 if __name__ == "__main__":
